@@ -1,0 +1,1 @@
+"""Datasets in COCO-panoptic format: reading, indexing, synthetic scenes, Cityscapes import."""

@@ -1,0 +1,121 @@
+"""``python -m cabb_ray.data``: synthetic scenes, Cityscapes import, index, size stats."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cabb_ray.errors import CabbRayError, run_cli
+
+
+def _progress(label: str):
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            end = "\n" if done == total else ""
+            print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return report
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cabb_ray.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write the synthetic street-scene dataset")
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--num-train", type=_non_negative, default=200)
+    synth.add_argument("--num-val", type=_non_negative, default=20)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--height", type=_positive, default=512)
+    synth.add_argument("--width", type=_positive, default=1024)
+
+    index = sub.add_parser("index", help="build <split>.segments.parquet")
+    index.add_argument("--root", required=True, type=Path)
+    index.add_argument("--split", action="append", help="split name (repeatable; default: all)")
+    index.add_argument("--no-verify", action="store_true", help="skip checking PNGs against JSON")
+
+    cityscapes = sub.add_parser("cityscapes", help="convert Cityscapes gtFine to this format")
+    cityscapes.add_argument("--cityscapes-root", required=True, type=Path)
+    cityscapes.add_argument("--out", required=True, type=Path)
+    cityscapes.add_argument("--split", action="append", help="default: train and val")
+    cityscapes.add_argument("--copy", action="store_true", help="copy images instead of linking")
+
+    stats = sub.add_parser("stats", help="thing-instance size distribution of a split")
+    stats.add_argument("--root", required=True, type=Path)
+    stats.add_argument("--split", default="train")
+    stats.add_argument("--crop", type=_positive, default=256)
+    stats.add_argument("--plot", type=Path, help="also write a PNG histogram here")
+    return parser
+
+
+def _splits_of(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise CabbRayError(f"{root}: dataset folder not found")
+    splits = sorted(p.stem for p in root.glob("*.json"))
+    if not splits:
+        raise CabbRayError(f"{root}: no <split>.json files found")
+    return splits
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "synth":
+        from cabb_ray.data.synthetic import write_synthetic_dataset
+
+        def progress(split: str, done: int, total: int) -> None:
+            _progress(f"synth {split}")(done, total)
+
+        figures = write_synthetic_dataset(
+            args.out, args.num_train, args.num_val, args.seed, args.height, args.width, progress
+        )
+        print(
+            f"wrote {figures['images']} images to {args.out} in {figures['seconds']:.1f} s "
+            f"({figures['images_per_second']:.1f} images/s)"
+        )
+    elif args.command == "index":
+        from cabb_ray.data.index import build_segment_index
+
+        for split in args.split or _splits_of(args.root):
+            path = build_segment_index(
+                args.root, split, verify=not args.no_verify, progress=_progress(f"index {split}")
+            )
+            print(f"wrote {path}")
+    elif args.command == "cityscapes":
+        from cabb_ray.data.cityscapes import import_cityscapes
+
+        splits = tuple(args.split or ("train", "val"))
+        for path in import_cityscapes(args.cityscapes_root, args.out, splits, args.copy):
+            print(f"wrote {path}")
+    elif args.command == "stats":
+        from cabb_ray.data.stats import plot_size_histogram, thing_size_stats
+
+        print("\n".join(thing_size_stats(args.root, args.split, args.crop).lines()))
+        if args.plot:
+            print(f"wrote {plot_size_histogram(args.root, args.split, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

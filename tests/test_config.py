@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+
+from cabb_ray.config import (
+    ExperimentConfig,
+    dump_config,
+    flatten_config,
+    load_config,
+    preset_names,
+)
+from cabb_ray.errors import CabbRayError
+
+
+def test_presets_ship_with_the_package():
+    assert {"cpu_quickstart", "cityscapes_r50"} <= set(preset_names())
+    quick = load_config("cpu_quickstart")
+    assert quick.model.preset == "cpu_small"
+    assert quick.data.crop_size == (128, 128)
+    assert quick.optim.amp is False
+    r50 = load_config("cityscapes_r50")
+    assert r50.model.preset == "resnet50" and r50.run.gpu is True
+
+
+def test_overrides_are_parsed_to_the_field_type():
+    cfg = load_config(
+        "cpu_quickstart",
+        [
+            "optim.lr=1",
+            "data.crop_size=[64, 96]",
+            "run.experiment=123",
+            "eval.max_images=null",
+            "loss.weights.roi_box=2.5",
+            "optim.grad_clip_norm=null",
+            "data.sampler=cus",
+            "loss.cabb_rpn=false",
+        ],
+    )
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.crop_size == (64, 96)
+    assert cfg.run.experiment == "123"
+    assert cfg.eval.max_images is None
+    assert cfg.loss.weights.roi_box == 2.5
+    assert cfg.optim.grad_clip_norm is None
+    assert cfg.data.sampler == "cus"
+    assert cfg.loss.cabb_rpn is False
+
+
+def test_yaml_base_chain_and_local_values(tmp_path):
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("base: cpu_quickstart\noptim:\n  lr: 0.5\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\noptim:\n  momentum: 0.8\n")
+    cfg = load_config(child)
+    assert cfg.optim.lr == 0.5 and cfg.optim.momentum == 0.8
+    assert cfg.model.preset == "cpu_small"
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config("cpu_quickstart", ["loss.roi_beta=0.3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    flat = flatten_config(cfg)
+    assert flat["loss.roi_beta"] == 0.3 and flat["data.crop_size"] == [128, 128]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["optim.lrr=1"],
+            "--set optim.lrr: unknown config key 'optim.lrr'; closest valid keys: optim.lr",
+        ),
+        (["optim.lr=abc"], "--set optim.lr: got 'abc', expected float"),
+        (["data.crop_size=[1,"], "--set data.crop_size: cannot parse value '[1,'"),
+        (["novalue"], "--set 'novalue': expected KEY=VALUE"),
+        (["data.sampler=foo"], "expected one of 'random', 'cus', 'isus', 'full'"),
+        (["data.crop_size=[1, 2, 3]"], "expected a list of 2 int values"),
+        (["data.r_th=[4, 1]"], "data.r_th: expected 0 < low <= high"),
+        (["optim.lr.x=1"], "'optim.lr' is a value"),
+        (["loss.cabb_rpn=1"], "expected bool"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(CabbRayError) as err:
+        load_config("cpu_quickstart", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_yaml_key_suggests_closest(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  crop_sise: [64, 64]\n")
+    with pytest.raises(CabbRayError) as err:
+        load_config(path)
+    assert str(err.value).startswith(
+        f"{path}: unknown config key 'data.crop_sise'; closest valid keys: data.crop_size"
+    )
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(CabbRayError, match=r"nope\.yaml: file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(CabbRayError, match=r"broken\.yaml: invalid YAML at line"):
+        load_config(bad)
+    with pytest.raises(CabbRayError, match="not a YAML file or a preset; presets: "):
+        load_config("no_such_preset")
+
+
+def test_defaults_are_valid():
+    assert load_config() == ExperimentConfig()

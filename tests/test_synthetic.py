@@ -1,0 +1,128 @@
+"""The synthetic dataset checked by an independent reader, plus determinism and size figures."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cityscapesscripts.helpers.labels import name2label
+
+from cabb_ray.data.stats import thing_size_stats
+from cabb_ray.data.synthetic import THING_CLASSES, write_synthetic_dataset
+from tests.conftest import SMALL
+from tests.independent_reader import read_ids, read_split, segment_stats
+
+
+def test_every_png_id_matches_segments_info(synthetic_root):
+    for split in ("train", "val"):
+        data = read_split(synthetic_root, split)
+        assert len(data["images"]) == SMALL[f"num_{split}"]
+        by_image = {a["image_id"]: a for a in data["annotations"]}
+        for image in data["images"]:
+            ann = by_image[image["id"]]
+            ids = read_ids(synthetic_root / split / ann["file_name"])
+            assert ids.shape == (image["height"], image["width"])
+            assert (synthetic_root / "images" / split / image["file_name"]).is_file()
+            truth = segment_stats(ids)
+            listed = {s["id"]: s for s in ann["segments_info"]}
+            assert set(truth) == set(listed)
+            for seg_id, (area, bbox) in truth.items():
+                assert listed[seg_id]["area"] == area
+                assert listed[seg_id]["bbox"] == bbox
+
+
+def test_categories_and_ids_follow_cityscapesscripts(synthetic_root):
+    data = read_split(synthetic_root, "train")
+    categories = {c["id"]: c for c in data["categories"]}
+    for cat in data["categories"]:
+        label = name2label[cat["name"]]
+        assert cat["id"] == label.trainId
+        assert tuple(cat["color"]) == label.color
+        assert bool(cat["isthing"]) == label.hasInstances
+    names = {c["name"] for c in categories.values()}
+    assert {"road", "sidewalk", "building", "vegetation", "sky"} <= names
+    assert set(THING_CLASSES) <= names
+    assert {"person", "car", "truck", "bus", "bicycle"} <= set(THING_CLASSES)
+    for ann in data["annotations"]:
+        for seg in ann["segments_info"]:
+            label = name2label[categories[seg["category_id"]]["name"]]
+            if seg["iscrowd"]:
+                assert label.hasInstances and seg["id"] == label.id
+            elif label.hasInstances:
+                assert seg["id"] // 1000 == label.id
+            else:
+                assert seg["id"] == label.id
+
+
+def test_void_and_crowd_regions_occur(synthetic_root):
+    data = read_split(synthetic_root, "train")
+    crowd = sum(s["iscrowd"] for a in data["annotations"] for s in a["segments_info"])
+    assert crowd >= 1
+    void = sum(
+        int((read_ids(synthetic_root / "train" / a["file_name"]) == 0).sum())
+        for a in data["annotations"]
+    )
+    assert void > 0
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_seed_gives_identical_bytes(synthetic_root, tmp_path):
+    again = tmp_path / "again"
+    write_synthetic_dataset(again, **SMALL)
+    assert _digests(again) == _digests(synthetic_root)
+    other = tmp_path / "other"
+    write_synthetic_dataset(other, **{**SMALL, "seed": SMALL["seed"] + 1})
+    assert _digests(other)["train.json"] != _digests(synthetic_root)["train.json"]
+
+
+def test_instance_sizes_are_heavy_tailed(tmp_path):
+    """At 512x1024, things span <= 8 px to >= 400 px in sqrt(area) and >= 5% exceed 256 px."""
+    write_synthetic_dataset(tmp_path, num_train=40, num_val=0, seed=0, height=512, width=1024)
+    stats = thing_size_stats(tmp_path, "train", crop=256)
+    assert stats.sqrt_area_min <= 8
+    assert stats.sqrt_area_max >= 400
+    assert stats.frac_larger_than_crop >= 0.05
+    assert stats.sqrt_area_median < 128, "most instances should be small"
+    assert stats.crowd_segments >= 1
+    counts = [n for _, n in stats.histogram]
+    assert counts[0] + counts[1] > 0 and counts[-1] > 0
+
+
+def test_parquet_index_matches_json(synthetic_root):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(synthetic_root / "train.segments.parquet").to_pylist()
+    data = read_split(synthetic_root, "train")
+    things = {c["id"]: bool(c["isthing"]) for c in data["categories"]}
+    expected = [
+        (str(a["image_id"]), s["id"], s["category_id"], s["area"], [float(v) for v in s["bbox"]])
+        for a in data["annotations"]
+        for s in a["segments_info"]
+    ]
+    got = [(r["image_id"], r["segment_id"], r["category_id"], r["area"], r["bbox"]) for r in table]
+    assert got == expected
+    assert all(r["isthing"] == things[r["category_id"]] for r in table)
+
+
+@pytest.mark.parametrize("split", ["train"])
+def test_images_are_textured_not_flat(synthetic_root, split):
+    """No class should be separable by one colour: pixel colours vary within every segment."""
+    from PIL import Image
+
+    data = read_split(synthetic_root, split)
+    ann = data["annotations"][0]
+    ids = read_ids(synthetic_root / split / ann["file_name"])
+    rgb = np.array(Image.open(synthetic_root / "images" / split / data["images"][0]["file_name"]))
+    for seg in ann["segments_info"]:
+        pixels = rgb[ids == seg["id"]].astype(float)
+        if len(pixels) > 50:
+            assert pixels.std(axis=0).max() > 2.0
