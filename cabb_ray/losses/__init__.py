@@ -1,0 +1,1 @@
+"""Loss functions: the crop-aware bounding-box loss and (later) loss balancing."""
