@@ -49,42 +49,51 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(samples)
 
 
-def scalar_baseline(pred, target, cut) -> torch.Tensor:
-    """Per-box, per-axis scipy solve: the straightforward implementation to compare with."""
+def _huber(z: float) -> float:
+    a = abs(z)
+    return 0.5 * z * z / BETA if a < BETA else a - 0.5 * BETA
+
+
+def _scalar_axis(pc, ps, tc, ts, cut_lo, cut_hi, wc, ws):
+    """One axis of one box with scipy's bounded scalar minimiser over each free edge."""
     from scipy.optimize import minimize_scalar
 
-    def huber(z):
-        a = abs(z)
-        return 0.5 * z * z / BETA if a < BETA else a - 0.5 * BETA
+    u, v = tc / wc, math.exp(ts / ws)
+    low, high = u - v / 2, u + v / 2
+    best_value, best = _huber(pc - tc) + _huber(ps - ts), (tc, ts)
+    edges = ([(high, -1.0)] if cut_lo else []) + ([(low, 1.0)] if cut_hi else [])
+    for fixed, direction in edges:
 
+        def encode(y, fixed=fixed, direction=direction):
+            return wc * (fixed + direction * math.exp(y) / 2), ws * y
+
+        def objective(y, encode=encode):
+            c, s = encode(y)
+            return _huber(pc - c) + _huber(ps - s)
+
+        y0 = math.log(v)
+        res = minimize_scalar(objective, bounds=(y0, y0 + 12.0), method="bounded")
+        if res.fun < best_value:
+            best_value, best = res.fun, encode(res.x)
+    return best
+
+
+def scalar_baseline(pred, target, cut) -> torch.Tensor:
+    """Per-box, per-axis scipy solve: the straightforward implementation to compare with."""
     out = target.clone()
     for i in range(pred.shape[0]):
         for ci, si, lo, hi in ((0, 2, 0, 2), (1, 3, 1, 3)):
-            cut_lo, cut_hi = bool(cut[i, lo]), bool(cut[i, hi])
-            if not (cut_lo or cut_hi):
-                continue
-            wc, ws = WEIGHTS[ci], WEIGHTS[si]
-            pc, ps = float(pred[i, ci]), float(pred[i, si])
-            u, v = float(target[i, ci]) / wc, math.exp(float(target[i, si]) / ws)
-            left, right = u - v / 2, u + v / 2
-            best = (huber(pc - target[i, ci].item()) + huber(ps - target[i, si].item()), None)
-            options = []
-            if cut_lo:
-                options.append(lambda y, r=right: (wc * (r - math.exp(y) / 2), ws * y))
-            if cut_hi:
-                options.append(lambda y, l=left: (wc * (l + math.exp(y) / 2), ws * y))
-            for make in options:
-
-                def objective(y, make=make):
-                    c, s = make(y)
-                    return huber(pc - c) + huber(ps - s)
-
-                y0 = math.log(v)
-                res = minimize_scalar(objective, bounds=(y0, y0 + 12.0), method="bounded")
-                if res.fun < best[0]:
-                    best = (res.fun, make(res.x))
-            if best[1] is not None:
-                out[i, ci], out[i, si] = best[1][0], best[1][1]
+            if bool(cut[i, lo]) or bool(cut[i, hi]):
+                out[i, ci], out[i, si] = _scalar_axis(
+                    float(pred[i, ci]),
+                    float(pred[i, si]),
+                    float(target[i, ci]),
+                    float(target[i, si]),
+                    bool(cut[i, lo]),
+                    bool(cut[i, hi]),
+                    WEIGHTS[ci],
+                    WEIGHTS[si],
+                )
     return out
 
 
