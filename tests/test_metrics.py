@@ -532,3 +532,16 @@ def test_png_decoders_agree(tmp_path, monkeypatch):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(CabbRayError, match=r"broken\.png: cannot decode PNG"):
         read_ids(tmp_path / "broken.png")
+
+
+def test_semantic_label_maps_with_ignore():
+    from cabb_ray.metrics.panoptic import PanopticAccumulator, summarize
+
+    acc = PanopticAccumulator(3)
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 255, 0, 2]])  # 255 in a prediction counts as a miss
+    acc.add_semantic(gt, pred)
+    metrics, per_class = summarize(acc, np.array([False, False, True]))
+    # class 0: hit 1, gt 2, pred 1 -> 1/2; class 1: hit 2, gt 2, pred 3 -> 2/3; class 2: 1/2.
+    assert per_class["iou"].tolist() == pytest.approx([0.5, 2 / 3, 0.5])
+    assert metrics["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
