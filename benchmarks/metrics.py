@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fake_p
 
 from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as reference
 
+from cabb_ray.data.panoptic_format import read_ids
 from cabb_ray.data.synthetic import write_synthetic_split
 from cabb_ray.metrics import PanopticEvaluator, evaluate_folders
-from cabb_ray.metrics.evaluator import read_ids
 from tests.fake_predictions import write_fake_predictions
 
 

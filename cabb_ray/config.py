@@ -68,6 +68,10 @@ class ModelConfig:
     pretrained: str = "none"
     fpn_channels: int = 64
     trainable_backbone_layers: int = 3
+    # RoI pooler level heuristic (FPN Eq. 1), shared with ISUS: cabb_ray.model.levels.
+    roi_levels: tuple[int, int] = (2, 5)
+    canonical_scale: float = 224.0
+    canonical_level: int = 4
 
 
 @dataclass
@@ -435,6 +439,11 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise CabbRayError(f"{key}: expected a positive value, got {value}")
+    k_min, k_max = cfg.model.roi_levels
+    if not 0 < k_min <= k_max:
+        raise CabbRayError(f"model.roi_levels: expected 0 < low <= high, got [{k_min}, {k_max}]")
+    if cfg.model.canonical_scale <= 0:
+        raise CabbRayError(f"model.canonical_scale: expected > 0, got {cfg.model.canonical_scale}")
     for key in ("lr", "weight_decay"):
         if getattr(cfg.optim, key) < 0:
             raise CabbRayError(f"optim.{key}: expected >= 0, got {getattr(cfg.optim, key)}")

@@ -246,7 +246,7 @@ def test_ids_above_65535_round_trip_through_png(tmp_path):
 
 
 def _fake_pairs(synthetic_root, tmp_path, split="train"):
-    from cabb_ray.metrics.evaluator import read_ids
+    from cabb_ray.data.panoptic_format import read_ids
 
     pred_json, pred_folder = write_fake_predictions(synthetic_root, split, tmp_path, seed=11)
     gt = json.loads((synthetic_root / f"{split}.json").read_text())
@@ -521,7 +521,7 @@ def test_png_decoders_agree(tmp_path, monkeypatch):
     """torchvision's decoder (fast path) and Pillow's (fallback) give the same id map."""
     import sys
 
-    from cabb_ray.metrics.evaluator import read_ids
+    from cabb_ray.data.panoptic_format import read_ids
 
     ids = np.random.default_rng(0).integers(0, 1 << 24, size=(9, 13))
     _to_png(ids, tmp_path / "ids.png")

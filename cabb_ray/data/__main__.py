@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--split", default="train")
     stats.add_argument("--crop", type=_positive, default=256)
     stats.add_argument("--plot", type=Path, help="also write a PNG histogram here")
+    preview = sub.add_parser("preview", help="PNG grid and samples.json of training crops")
+    preview.add_argument("--root", required=True, type=Path)
+    preview.add_argument("--sampler", required=True, choices=["random", "cus", "isus", "full"])
+    preview.add_argument("--num", type=_positive, default=16)
+    preview.add_argument("--out", required=True, type=Path)
+    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--config", default="cpu_quickstart", help="preset or YAML")
+    preview.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    preview.add_argument("--split", default=None, help="default: data.train_split")
+
+    levels = sub.add_parser("levels", help="instances per FPN level under cus and isus")
+    levels.add_argument("--root", required=True, type=Path)
+    levels.add_argument("--num", type=_positive, default=5000)
+    levels.add_argument("--config", default="cpu_quickstart", help="preset or YAML")
+    levels.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    levels.add_argument(
+        "--samplers", nargs="+", default=["cus", "isus"], choices=["random", "cus", "isus", "full"]
+    )
     return parser
 
 
@@ -108,6 +126,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits = tuple(args.split or ("train", "val"))
         for path in import_cityscapes(args.cityscapes_root, args.out, splits, args.copy):
             print(f"wrote {path}")
+    elif args.command == "preview":
+        from cabb_ray.config import load_config
+        from cabb_ray.data.preview import write_preview
+
+        cfg = load_config(args.config, [*args.set, f"data.sampler={args.sampler}"])
+        if args.split:
+            cfg = load_config(
+                args.config,
+                [*args.set, f"data.sampler={args.sampler}", f"data.train_split={args.split}"],
+            )
+        for path in write_preview(args.root, cfg, args.num, args.out, args.seed):
+            print(f"wrote {path}")
+    elif args.command == "levels":
+        from cabb_ray.config import load_config
+        from cabb_ray.data.crop_dataset import CropDataset
+        from cabb_ray.data.level_balance import level_histogram, normalized_entropy
+
+        for sampler in args.samplers:
+            cfg = load_config(args.config, [*args.set, f"data.sampler={sampler}"])
+            dataset = CropDataset(args.root, cfg, length=args.num)
+            every, focus = level_histogram(dataset, args.num, _progress(f"levels {sampler}"))
+            print(
+                f"{sampler:6s} all instances {every} entropy {normalized_entropy(every):.3f}; "
+                f"focus instance {focus} entropy {normalized_entropy(focus):.3f}"
+            )
     elif args.command == "stats":
         from cabb_ray.data.stats import plot_size_histogram, thing_size_stats
 

@@ -9,12 +9,12 @@ load time rather than halfway through a training run.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cityscapesscripts.evaluation.evalPanopticSemanticLabeling import rgb2id
 from PIL import Image
 
 from cabb_ray.errors import CabbRayError
@@ -77,7 +77,7 @@ class PanopticSplit:
     def read_panoptic(self, image: dict[str, Any], verify: bool = True) -> np.ndarray:
         """Panoptic ids [H,W] int64; with ``verify``, ids and sizes are checked against JSON."""
         path = self.panoptic_path(image)
-        ids = rgb2id(read_rgb(path)).astype(np.int64)
+        ids = read_ids(path).astype(np.int64)
         if verify:
             verify_panoptic(path, ids, image, self.annotations[image["id"]])
         return ids
@@ -227,3 +227,37 @@ def _unique_with_inverse(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     rank = np.zeros(top + 1, dtype=np.int64)
     rank[present] = np.arange(len(present))
     return present, rank[flat], all_counts[present]
+
+
+def _decode_planes(path: Path) -> np.ndarray:
+    """[3, H, W] uint8 planes of a PNG.
+
+    torchvision's libpng decoder is 1.5-3x faster here than Pillow's RGB path, which matters
+    because decoding dominates evaluation from files. torchvision 0.29 deprecates its image
+    I/O in favour of TorchCodec, so Pillow takes over where it is gone.
+    """
+    try:
+        from torchvision.io import ImageReadMode, decode_png, read_file
+    except ImportError:
+        with Image.open(path) as img:
+            return np.moveaxis(np.asarray(img.convert("RGB")), -1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_png(read_file(str(path)), ImageReadMode.RGB).numpy()
+
+
+def read_ids(path: Path) -> np.ndarray:
+    """Panoptic PNG to a uint32 id map (R + 256 G + 256^2 B), combined in place."""
+    path = Path(path)
+    if not path.is_file():
+        raise CabbRayError(f"{path}: file not found")
+    try:
+        planes = _decode_planes(path)
+    except (RuntimeError, OSError) as err:
+        raise CabbRayError(f"{path}: cannot decode PNG ({str(err).splitlines()[0]})") from None
+    ids = planes[2].astype(np.uint32)
+    ids <<= 8
+    ids |= planes[1]
+    ids <<= 8
+    ids |= planes[0]
+    return ids

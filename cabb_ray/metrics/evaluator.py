@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from cabb_ray.data.panoptic_format import read_ids
 from cabb_ray.errors import CabbRayError
 from cabb_ray.metrics.mask_ap import MaskAPAccumulator
 from cabb_ray.metrics.panoptic import (
@@ -212,40 +211,6 @@ def _load_json(path: Path, label: str) -> dict[str, Any]:
     if not isinstance(data, dict) or "annotations" not in data:
         raise CabbRayError(f"{path}: {label} JSON lacks required key 'annotations'")
     return data
-
-
-def _decode_planes(path: Path) -> np.ndarray:
-    """[3, H, W] uint8 planes of a PNG.
-
-    torchvision's libpng decoder is 1.5-3x faster here than Pillow's RGB path, which matters
-    because decoding dominates evaluation from files. torchvision 0.29 deprecates its image
-    I/O in favour of TorchCodec, so Pillow takes over where it is gone.
-    """
-    try:
-        from torchvision.io import ImageReadMode, decode_png, read_file
-    except ImportError:
-        with Image.open(path) as img:
-            return np.moveaxis(np.asarray(img.convert("RGB")), -1, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_png(read_file(str(path)), ImageReadMode.RGB).numpy()
-
-
-def read_ids(path: Path) -> np.ndarray:
-    """Panoptic PNG to a uint32 id map (R + 256 G + 256^2 B), combined in place."""
-    path = Path(path)
-    if not path.is_file():
-        raise CabbRayError(f"{path}: file not found")
-    try:
-        planes = _decode_planes(path)
-    except (RuntimeError, OSError) as err:
-        raise CabbRayError(f"{path}: cannot decode PNG ({str(err).splitlines()[0]})") from None
-    ids = planes[2].astype(np.uint32)
-    ids <<= 8
-    ids |= planes[1]
-    ids <<= 8
-    ids |= planes[0]
-    return ids
 
 
 def evaluate_folders(

@@ -1,0 +1,83 @@
+"""Training-crop throughput: crops/s per loader worker, from 512x1024 and 1024x2048 sources.
+
+    python benchmarks/loader.py [--crops 200] [--workers 2]
+
+For each source size it writes a few synthetic scenes, then times ``CropDataset`` (ISUS, the
+default sampler) in this process (= one DataLoader worker) and through a DataLoader with
+--workers processes. Settings follow the presets: 512x1024 sources with s0 = 512 and 256x256
+crops (the quarter-scale CPU setting doubled), 1024x2048 with s0 = 1024 and 512x512 crops
+(cityscapes_r50). The training step's consumption rate is printed next to it once the model
+exists (issue 6); until then that column says n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from cabb_ray.config import load_config
+from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+from cabb_ray.data.index import build_segment_index
+from cabb_ray.data.synthetic import write_synthetic_split
+
+SETTINGS = [  # (source height, width, s0, crop)
+    (512, 1024, 512, 256),
+    (1024, 2048, 1024, 512),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--crops", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--images", type=int, default=12)
+    args = parser.parse_args()
+    print(
+        f"{'source':>10s} {'crop':>8s} {'1 process crops/s':>18s} "
+        f"{f'{args.workers} workers crops/s':>18s} {'train consumes/s':>17s}"
+    )
+    for height, width, s0, crop in SETTINGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            write_synthetic_split(root, "train", args.images, seed=0, height=height, width=width)
+            build_segment_index(root, "train", verify=False)
+            cfg = load_config(
+                "cpu_quickstart",
+                [
+                    f"data.shortest_side={s0}",
+                    f"data.crop_size=[{crop},{crop}]",
+                    f"model.canonical_scale={224 * crop / 512}",
+                    "data.sampler=isus",
+                ],
+            )
+            dataset = CropDataset(root, cfg, length=args.crops)
+            dataset[0]
+            start = time.perf_counter()
+            for i in range(args.crops):
+                dataset[i]
+            single = args.crops / (time.perf_counter() - start)
+            loader = DataLoader(
+                dataset,
+                batch_size=8,
+                num_workers=args.workers,
+                collate_fn=collate_crops,
+                persistent_workers=False,
+            )
+            start = time.perf_counter()
+            for _ in loader:
+                pass
+            pooled = args.crops / (time.perf_counter() - start)
+            print(
+                f"{height}x{width:<5d} {crop}x{crop:<4d} {single:>18.1f} {pooled:>18.1f} "
+                f"{'n/a':>17s}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The panoptic network on torchvision (issue 6) and what data sampling shares with it."""
