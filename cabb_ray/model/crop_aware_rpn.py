@@ -1,0 +1,90 @@
+"""torchvision's RegionProposalNetwork with the crop-aware box loss.
+
+Only two hooks change: ``assign_targets_to_anchors`` also gathers each anchor's matched
+ground-truth cut flags, and ``compute_loss`` scores the sampled positive anchors with
+``crop_aware_smooth_l1`` (RPN box coder weights (1, 1, 1, 1)). With CABB off, or nothing cut,
+both reproduce torchvision's computation exactly, random sampling included.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from cabb_ray.losses.cabb import crop_aware_smooth_l1
+
+
+class CropAwareRPN(RegionProposalNetwork):
+    """RPN whose box loss lets cut sides of ground-truth boxes move outward."""
+
+    def __init__(self, *args, cabb: bool = True, beta: float = 1.0 / 9.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cabb = cabb
+        self.beta = beta
+        self._matched_cut: list[Tensor] = []
+
+    def assign_targets_to_anchors(
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        # torchvision's matching loop, plus the matched cut flags (needed for CABB).
+        labels, matched_gt_boxes, self._matched_cut = [], [], []
+        for anchors_per_image, target in zip(anchors, targets, strict=True):
+            gt_boxes = target["boxes"]
+            device = anchors_per_image.device
+            count = anchors_per_image.shape[0]
+            if gt_boxes.numel() == 0:
+                matched = torch.zeros(anchors_per_image.shape, dtype=torch.float32, device=device)
+                labels_per_image = torch.zeros((count,), dtype=torch.float32, device=device)
+                cut = torch.zeros((count, 4), dtype=torch.bool, device=device)
+            else:
+                quality = self.box_similarity(gt_boxes, anchors_per_image)
+                matched_idxs = self.proposal_matcher(quality)
+                matched = gt_boxes[matched_idxs.clamp(min=0)]
+                cut = _cut_of(target, gt_boxes)[matched_idxs.clamp(min=0)]
+                labels_per_image = (matched_idxs >= 0).to(dtype=torch.float32)
+                labels_per_image[matched_idxs == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
+                labels_per_image[matched_idxs == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+            labels.append(labels_per_image)
+            matched_gt_boxes.append(matched)
+            self._matched_cut.append(cut)
+        return labels, matched_gt_boxes
+
+    def compute_loss(
+        self,
+        objectness: Tensor,
+        pred_bbox_deltas: Tensor,
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        sampled_pos_inds = torch.where(torch.cat(sampled_pos, dim=0))[0]
+        sampled_neg_inds = torch.where(torch.cat(sampled_neg, dim=0))[0]
+        sampled_inds = torch.cat([sampled_pos_inds, sampled_neg_inds], dim=0)
+        objectness = objectness.flatten()
+        labels_all = torch.cat(labels, dim=0)
+        targets = torch.cat(regression_targets, dim=0)
+        pred = pred_bbox_deltas[sampled_pos_inds]
+        if self.cabb:
+            cut = torch.cat(self._matched_cut, dim=0)[sampled_pos_inds]
+            box_sum = crop_aware_smooth_l1(
+                pred, targets[sampled_pos_inds], cut, self.box_coder.weights, self.beta
+            )
+        else:
+            box_sum = F.smooth_l1_loss(
+                pred, targets[sampled_pos_inds], beta=self.beta, reduction="sum"
+            )
+        box_loss = box_sum / sampled_inds.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness[sampled_inds], labels_all[sampled_inds]
+        )
+        return objectness_loss, box_loss
+
+
+def _cut_of(target: dict[str, Tensor], gt_boxes: Tensor) -> Tensor:
+    """The target's cut flags, or all False when a target carries none (full images)."""
+    cut = target.get("cut")
+    if cut is None:
+        return torch.zeros((gt_boxes.shape[0], 4), dtype=torch.bool, device=gt_boxes.device)
+    return cut.to(device=gt_boxes.device, dtype=torch.bool)

@@ -1,0 +1,287 @@
+"""The panoptic network: torchvision backbone + FPN shared by Mask R-CNN heads (with CABB in the
+RPN and RoI box losses) and a Panoptic-FPN semantic head.
+
+Crops arrive at their final size: the model normalises and pads the batch to the FPN stride but
+never resizes, so ground-truth boxes, masks and cut flags stay exactly as the sampler made them.
+At inference, full images are padded the same way and predictions come back at input
+resolution.
+
+Training returns six named, unweighted losses; weighting happens outside (the training loop's
+loss balancing), so that per-term magnitudes can be logged and searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models import ResNet18_Weights, ResNet50_Weights
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from cabb_ray.config import ExperimentConfig
+from cabb_ray.errors import CabbRayError
+from cabb_ray.model.crop_aware_roi_heads import CropAwareRoIHeads
+from cabb_ray.model.crop_aware_rpn import CropAwareRPN
+
+LOSS_NAMES = {
+    "loss_objectness": "rpn_objectness",
+    "loss_rpn_box_reg": "rpn_box",
+    "loss_classifier": "roi_cls",
+    "loss_box_reg": "roi_box",
+    "loss_mask": "roi_mask",
+}
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+SIZE_DIVISIBLE = 32
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes that differ between the GPU network and the CPU quickstart network."""
+
+    backbone: str
+    anchor_sizes: tuple[int, ...]  # per FPN level P2..P6
+    rpn_batch: int
+    rpn_pre_nms: tuple[int, int]  # train, test
+    rpn_post_nms: tuple[int, int]
+    roi_batch: int
+    box_representation: int
+    mask_layers: tuple[int, ...]
+    semantic_channels: int
+    detections: int
+
+
+ARCHITECTURES = {
+    "resnet50": Architecture(
+        "resnet50",
+        (32, 64, 128, 256, 512),
+        256,
+        (2000, 1000),
+        (2000, 1000),
+        512,
+        1024,
+        (256, 256, 256, 256),
+        128,
+        100,
+    ),
+    # Quarter-resolution setting (256x512 scenes, 128x128 crops): anchors scaled by 1/4,
+    # narrow heads, a ResNet-18 body.
+    "cpu_small": Architecture(
+        "resnet18",
+        (8, 16, 32, 64, 128),
+        128,
+        (600, 300),
+        (300, 150),
+        128,
+        128,
+        (64, 64),
+        32,
+        50,
+    ),
+}
+
+
+class SemanticHead(nn.Module):
+    """Panoptic FPN semantic branch: each of P2..P5 upsampled to stride 4, summed, classified."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, levels: int = 4):
+        super().__init__()
+
+        def block(cin: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, channels, 3, padding=1, bias=False),
+                nn.GroupNorm(min(32, channels // 4), channels),
+                nn.ReLU(inplace=True),
+            )
+
+        self.scales = nn.ModuleList()
+        for level in range(levels):
+            stages = [block(in_channels)] + [block(channels) for _ in range(max(level - 1, 0))]
+            self.scales.append(nn.ModuleList(stages))
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Logits at stride 4 (P2's resolution); inputs are padded to the FPN stride."""
+        out = None
+        for level, (feature, stages) in enumerate(zip(features, self.scales, strict=True)):
+            x = feature
+            for stage in stages:
+                x = stage(x)
+                if level > 0:
+                    x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            out = x if out is None else out + x
+        return self.classifier(out)
+
+
+class PanopticNet(nn.Module):
+    """Backbone + FPN, CABB-aware Mask R-CNN heads and a semantic head."""
+
+    def __init__(self, cfg: ExperimentConfig, num_things: int, num_classes: int):
+        super().__init__()
+        self.arch = ARCHITECTURES[cfg.model.preset]
+        self.num_things, self.num_classes = num_things, num_classes
+        self.backbone = _backbone(cfg, self.arch)
+        channels = self.backbone.out_channels
+        arch, loss = self.arch, cfg.loss
+        anchors = AnchorGenerator(tuple((s,) for s in arch.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        self.rpn = CropAwareRPN(
+            anchors,
+            RPNHead(channels, 3),
+            0.7,
+            0.3,
+            arch.rpn_batch,
+            0.5,
+            dict(zip(("training", "testing"), arch.rpn_pre_nms, strict=True)),
+            dict(zip(("training", "testing"), arch.rpn_post_nms, strict=True)),
+            0.7,
+            cabb=loss.cabb_rpn,
+            beta=loss.rpn_beta,
+        )
+        k_min, k_max = cfg.model.roi_levels
+        names = [str(level - 2) for level in range(k_min, k_max + 1)]
+        pool = {
+            "canonical_scale": cfg.model.canonical_scale,
+            "canonical_level": cfg.model.canonical_level,
+        }
+        self.roi_heads = CropAwareRoIHeads(
+            MultiScaleRoIAlign(names, 7, 2, **pool),
+            TwoMLPHead(channels * 49, arch.box_representation),
+            FastRCNNPredictor(arch.box_representation, num_things + 1),
+            0.5,
+            0.5,
+            arch.roi_batch,
+            0.25,
+            (10.0, 10.0, 5.0, 5.0),
+            0.05,
+            0.5,
+            arch.detections,
+            mask_roi_pool=MultiScaleRoIAlign(names, 14, 2, **pool),
+            mask_head=MaskRCNNHeads(channels, arch.mask_layers, 1),
+            mask_predictor=MaskRCNNPredictor(
+                arch.mask_layers[-1], arch.mask_layers[-1], num_things + 1
+            ),
+            cabb=loss.cabb_roi,
+            beta=loss.roi_beta,
+        )
+        self.semantic_head = SemanticHead(channels, arch.semantic_channels, num_classes)
+        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGE_STD).view(3, 1, 1), persistent=False)
+
+    def batch(self, images: list[Tensor]) -> ImageList:
+        """Normalise and zero-pad to a common size divisible by the FPN stride (no resizing)."""
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        height = -(-max(h for h, _ in sizes) // SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+        width = -(-max(w for _, w in sizes) // SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+        batch = images[0].new_zeros((len(images), 3, height, width))
+        for k, img in enumerate(images):
+            batch[k, :, : img.shape[-2], : img.shape[-1]] = (img - self.mean) / self.std
+        return ImageList(batch, sizes)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: dict of the six losses. Inference: per image boxes, labels, scores, masks
+        (probabilities at input resolution) and semantic logits [C, H, W]."""
+        if self.training and targets is None:
+            raise ValueError("targets are required in training")
+        image_list = self.batch(images)
+        features = self.backbone(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list, features, targets)
+        detections, roi_losses = self.roi_heads(
+            features, proposals, image_list.image_sizes, targets
+        )
+        pyramid = [features[k] for k in list(features)[:4]]
+        semantic = F.interpolate(
+            self.semantic_head(pyramid),
+            size=image_list.tensors.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        if self.training:
+            sem_target = torch.full(
+                semantic.shape[:1] + semantic.shape[2:],
+                255,
+                dtype=torch.int64,
+                device=semantic.device,
+            )
+            for k, t in enumerate(targets):
+                h, w = t["semantic"].shape
+                sem_target[k, :h, :w] = t["semantic"]
+            losses = {LOSS_NAMES[k]: v for k, v in {**rpn_losses, **roi_losses}.items()}
+            losses["semantic"] = F.cross_entropy(semantic, sem_target, ignore_index=255)
+            return losses
+        for det, (h, w), sem in zip(detections, image_list.image_sizes, semantic, strict=True):
+            det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], (h, w))
+            det["semantic"] = sem[:, :h, :w]
+        return detections
+
+
+def _backbone(cfg: ExperimentConfig, arch: Architecture) -> nn.Module:
+    """ResNet + FPN. Pretrained bodies keep torchvision's frozen batch norm and train only the
+    last ``trainable_backbone_layers`` stages; a body trained from scratch uses ordinary batch
+    norm and trains everything."""
+    pretrained = cfg.model.pretrained
+    weights = None
+    if pretrained == "imagenet":
+        weights = {"resnet50": ResNet50_Weights, "resnet18": ResNet18_Weights}[arch.backbone]
+        weights = weights.IMAGENET1K_V1
+    from_scratch = pretrained == "none"
+    norm = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
+    try:
+        body = getattr(torchvision.models, arch.backbone)(weights=weights, norm_layer=norm)
+    except (OSError, RuntimeError) as err:  # no network: URLError is an OSError
+        raise CabbRayError(
+            f"model.pretrained=imagenet: could not download {weights} ({type(err).__name__}); "
+            "fetch the .pth elsewhere and pass it: --set model.pretrained=/path/to/weights.pth"
+        ) from None
+    trainable = 5 if from_scratch else cfg.model.trainable_backbone_layers
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
+    train += ["bn1"] if trainable == 5 else []
+    for name, parameter in body.named_parameters():
+        if not any(name.startswith(layer) for layer in train):
+            parameter.requires_grad_(False)
+    stage2 = body.inplanes // 8
+    backbone = BackboneWithFPN(
+        body,
+        {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+        [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
+        cfg.model.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    if pretrained not in ("none", "imagenet"):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise CabbRayError(
+                f"model.pretrained: {path} not found (expected none, imagenet or a .pth path)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        result = backbone.body.load_state_dict(state, strict=False)
+        if len(result.missing_keys) == len(backbone.body.state_dict()):
+            raise CabbRayError(f"model.pretrained: {path} holds no {arch.backbone} weights")
+    return backbone
+
+
+def build_model(cfg: ExperimentConfig, categories: list[dict[str, Any]]) -> PanopticNet:
+    """The network for a dataset's categories (things become instance labels 1..T)."""
+    k_min, k_max = cfg.model.roi_levels
+    if not 2 <= k_min <= k_max <= 5:
+        raise CabbRayError(
+            f"model.roi_levels: expected levels within P2..P5, got [{k_min}, {k_max}]"
+        )
+    things = sum(1 for c in categories if c["isthing"])
+    if things == 0:
+        raise CabbRayError("the dataset has no thing categories; the instance branch needs some")
+    return PanopticNet(cfg, things, len(categories))
