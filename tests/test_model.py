@@ -145,7 +145,7 @@ def test_cpu_preset_overfits_four_crops(batch):
         optimizer.step()
         totals.append(float(total))
     windows = [sum(totals[k : k + 8]) / 8 for k in range(0, 40, 8)]
-    assert all(b < a for a, b in zip(windows, windows[1:], strict=False)), windows
+    assert all(b < a for a, b in itertools.pairwise(windows)), windows
     assert windows[-1] < 0.25 * windows[0], windows
 
 
