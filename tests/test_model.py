@@ -158,3 +158,35 @@ def test_inference_returns_full_resolution_predictions(batch):
     assert out["semantic"].shape == (len(categories), 70, 101)
     assert out["masks"].shape[-2:] == (70, 101)
     assert set(out) >= {"boxes", "labels", "scores", "masks", "semantic"}
+
+
+def test_pretrained_options(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from cabb_ray.errors import CabbRayError
+
+    categories = [{"id": 0, "name": "road", "isthing": 0}, {"id": 13, "name": "car", "isthing": 1}]
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    build_model(load_config("cpu_quickstart", [f"model.pretrained={weights}"]), categories)
+    with pytest.raises(CabbRayError, match=r"nope\.pth not found \(expected none, imagenet"):
+        build_model(
+            load_config("cpu_quickstart", [f"model.pretrained={tmp_path / 'nope.pth'}"]), categories
+        )
+    torch.save({"unrelated": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CabbRayError, match="holds no resnet18 weights"):
+        build_model(
+            load_config("cpu_quickstart", [f"model.pretrained={tmp_path / 'other.pth'}"]),
+            categories,
+        )
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(
+        CabbRayError, match=r"could not download .* --set model\.pretrained=/path/to"
+    ):
+        build_model(load_config("cpu_quickstart", ["model.pretrained=imagenet"]), categories)
