@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from cabb_ray.errors import run_cli
+from cabb_ray.progress import progress_printer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,11 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cabb_ray.metrics import evaluate_folders
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 20) == 0:
-            end = "\n" if done == total else ""
-            print(f"\revaluated {done}/{total} images", end=end, file=sys.stderr, flush=True)
-
     start = time.perf_counter()
     result = evaluate_folders(
         args.gt_json,
@@ -47,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pred_json,
         args.pred_folder,
         mask_ap=not args.no_mask_ap,
-        progress=progress,
+        progress=progress_printer("evaluated images"),
     )
     print(result.table())
     print(f"{result.images} images in {time.perf_counter() - start:.1f} s")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.progress import progress_printer
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "overlays").mkdir(parents=True, exist_ok=True)
     annotations, images = [], []
     start = time.perf_counter()
+    report = progress_printer("predicted images", steps=len(files))
     for n, path in enumerate(files, start=1):
         rgb = read_rgb(path)
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255).to(args.device)
@@ -100,12 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         annotations.append(
             {"image_id": path.stem, "file_name": png, "segments_info": prediction.segments}
         )
-        print(
-            f"\r{n}/{len(files)} images",
-            end="\n" if n == len(files) else "",
-            file=sys.stderr,
-            flush=True,
-        )
+        report(n, len(files))
     result = {"images": images, "annotations": annotations, "categories": categories}
     (args.out / "predictions.json").write_text(json.dumps(result))
     print(f"wrote {len(files)} predictions to {args.out} in {time.perf_counter() - start:.1f} s")

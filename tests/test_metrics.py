@@ -404,8 +404,8 @@ def prediction_files(synthetic_root, tmp_path):
     return synthetic_root, pred_json, pred_folder
 
 
-def _cli(root, pred_json, pred_folder, capsys):
-    argv = [
+def _argv(root, pred_json, pred_folder, *extra):
+    return [
         "--gt-json",
         str(root / "val.json"),
         "--gt-folder",
@@ -414,8 +414,12 @@ def _cli(root, pred_json, pred_folder, capsys):
         str(pred_json),
         "--pred-folder",
         str(pred_folder),
-        "--no-mask-ap",
+        *extra,
     ]
+
+
+def _cli(root, pred_json, pred_folder, capsys):
+    argv = _argv(root, pred_json, pred_folder, "--no-mask-ap")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(evaluate_main, argv)
     return exit_info.value.code, capsys.readouterr()
@@ -424,18 +428,7 @@ def _cli(root, pred_json, pred_folder, capsys):
 def test_cli_prints_table_and_writes_json(prediction_files, tmp_path, capsys):
     root, pred_json, pred_folder = prediction_files
     out = tmp_path / "results.json"
-    argv = [
-        "--gt-json",
-        str(root / "val.json"),
-        "--gt-folder",
-        str(root / "val"),
-        "--pred-json",
-        str(pred_json),
-        "--pred-folder",
-        str(pred_folder),
-        "--out",
-        str(out),
-    ]
+    argv = _argv(root, pred_json, pred_folder, "--out", str(out))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(evaluate_main, argv)
     assert exit_info.value.code == 0

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cabb_ray.errors import CabbRayError, run_cli
-
-
-def _progress(label: str):
-    def report(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 20) == 0:
-            end = "\n" if done == total else ""
-            print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return report
+from cabb_ray.progress import progress_printer
 
 
 def _int_at_least(minimum: int):
@@ -103,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cabb_ray.data.synthetic import write_synthetic_dataset
 
         def progress(split: str, done: int, total: int) -> None:
-            _progress(f"synth {split}")(done, total)
+            progress_printer(f"synth {split}")(done, total)
 
         figures = write_synthetic_dataset(
             args.out, args.num_train, args.num_val, args.seed, args.height, args.width, progress
@@ -117,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for split in args.split or _splits_of(args.root):
             path = build_segment_index(
-                args.root, split, verify=not args.no_verify, progress=_progress(f"index {split}")
+                args.root,
+                split,
+                verify=not args.no_verify,
+                progress=progress_printer(f"index {split}"),
             )
             print(f"wrote {path}")
     elif args.command == "cityscapes":
@@ -146,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sampler in args.samplers:
             cfg = load_config(args.config, [*args.set, f"data.sampler={sampler}"])
             dataset = CropDataset(args.root, cfg, length=args.num)
-            every, focus = level_histogram(dataset, args.num, _progress(f"levels {sampler}"))
+            every, focus = level_histogram(dataset, args.num, progress_printer(f"levels {sampler}"))
             print(
                 f"{sampler:6s} all instances {every} entropy {normalized_entropy(every):.3f}; "
                 f"focus instance {focus} entropy {normalized_entropy(focus):.3f}"
