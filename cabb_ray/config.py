@@ -136,6 +136,9 @@ class RunConfig:
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "cabb_ray"
     output_dir: str = "runs"
+    max_failures: int = 1  # Ray Train restarts from the last checkpoint this many times
+    log_every: int = 10  # steps between loss logs
+    overlays: int = 2  # validation overlays logged per evaluation
 
 
 @dataclass

@@ -121,8 +121,10 @@ class PanopticEvaluator:
         pred_segments: list[dict[str, Any]],
         gt_where: str | Path = "ground truth",
         pred_where: str | Path = "prediction",
+        instances: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Add one image (id maps as integer arrays, segments_info lists)."""
+        """Add one image (id maps as integer arrays, segments_info lists). Mask AP scores the
+        predicted thing segments, or ``instances`` ({category_id, score, mask}) when given."""
         if pred_ids.shape != gt_ids.shape:
             raise CabbRayError(
                 f"{pred_where}: size {pred_ids.shape[1]}x{pred_ids.shape[0]} differs from the "
@@ -152,6 +154,7 @@ class PanopticEvaluator:
                 gt_segments,
                 pred_index.numpy().reshape(shape),
                 pred_segments,
+                instances,
             )
         self.images += 1
 

@@ -71,7 +71,10 @@ class MaskAPAccumulator:
         gt_segments: list[dict[str, Any]],
         pred_index: np.ndarray,
         pred_segments: list[dict[str, Any]],
+        instances: list[dict[str, Any]] | None = None,
     ) -> None:
+        """Add one image. Detections are the predicted thing segments, or, when given,
+        ``instances`` (overlapping masks with scores, as a detector outputs them)."""
         height, width = gt_index.shape
         key = len(self.images) + 1  # COCO needs integer ids; strings are kept for reference
         self.images.append({"id": key, "image_id": str(image_id), "height": height, "width": width})
@@ -89,6 +92,20 @@ class MaskAPAccumulator:
                     "bbox": list(mask_utils.toBbox(rle)),
                 }
             )
+        if instances is not None:
+            for inst in instances:
+                if int(inst["category_id"]) not in things:
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(inst["mask"].astype(np.uint8)))
+                self.dets.append(
+                    {
+                        "image_id": key,
+                        "category_id": int(inst["category_id"]),
+                        "segmentation": rle,
+                        "score": float(inst["score"]),
+                    }
+                )
+            return
         pred_k = [k for k, s in enumerate(pred_segments, 1) if int(s["category_id"]) in things]
         for k, rle in zip(pred_k, encode_segments(pred_index, pred_k), strict=True):
             seg = pred_segments[k - 1]

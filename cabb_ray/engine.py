@@ -1,0 +1,224 @@
+"""The training and evaluation steps, independent of Ray.
+
+``cabb_ray.train`` runs these inside Ray Train workers; ``benchmarks/ray_overhead.py`` runs the
+same code in a plain loop to measure what Ray costs. Distributed behaviour (DDP gradient
+averaging, agreeing on skipped steps, merging evaluation sums) only uses ``torch.distributed``
+when it is initialised.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cabb_ray.config import ExperimentConfig
+from cabb_ray.data.crops import ClassMapping
+from cabb_ray.data.panoptic_format import PanopticSplit
+from cabb_ray.errors import CabbRayError
+from cabb_ray.losses.balancing import LossBalancer
+from cabb_ray.metrics import PanopticEvaluator
+from cabb_ray.model.fusion import PanopticPrediction, panoptic_fusion
+from cabb_ray.model.network import PanopticNet
+
+
+class TrainModule(nn.Module):
+    """Network and loss balancer in one module, so DDP also averages the balancer's learned
+    log-variances and one state dict holds both."""
+
+    def __init__(self, model: PanopticNet, balancer: LossBalancer):
+        super().__init__()
+        self.model = model
+        self.balancer = balancer
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]):
+        return self.balancer(self.model(images, targets))
+
+
+def lr_lambda(cfg: ExperimentConfig):
+    """Linear warm-up from ``warmup_factor`` to 1, then linear decay to 0 (paper App. D)."""
+    total = cfg.optim.epochs * cfg.optim.steps_per_epoch
+    warmup, factor = cfg.optim.warmup_steps, cfg.optim.warmup_factor
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return factor + (1.0 - factor) * step / max(warmup, 1)
+        return max(0.0, 1.0 - (step - warmup) / max(total - warmup, 1))
+
+    return scale
+
+
+def make_optimizer(module: nn.Module, cfg: ExperimentConfig):
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint restores."""
+
+    step: int = 0
+    epoch: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    best_pq: float = -1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _all_ranks_finite(total: Tensor) -> bool:
+    flag = torch.tensor([1.0 if bool(torch.isfinite(total)) else 0.0], device=total.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def train_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    state: TrainState,
+    cfg: ExperimentConfig,
+) -> dict[str, float] | None:
+    """One optimisation step; returns the logged values, or None when the step was skipped
+    because some rank's loss was not finite (all ranks skip together, so DDP stays in step)."""
+    device = images[0].device
+    with torch.autocast(device.type, enabled=scaler is not None):
+        total, info = module(images, targets)
+    if not _all_ranks_finite(total.detach()):
+        optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_total += 1
+        state.nonfinite_streak += 1
+        if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
+            raw = ", ".join(f"{k[4:]}={v:.3g}" for k, v in info.items() if k.startswith("raw/"))
+            raise CabbRayError(
+                f"{state.nonfinite_streak} non-finite losses in a row at step {state.step} "
+                f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); last terms: "
+                f"{raw}; lower optim.lr or enable optim.grad_clip_norm"
+            )
+        return None
+    state.nonfinite_streak = 0
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    if cfg.optim.grad_clip_norm is not None:
+        nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    state.step += 1
+    return {"loss": float(total.detach()), "lr": optimizer.param_groups[0]["lr"], **info}
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch"])
+    if saved.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["python"])
+
+
+def _rescaled(image: Tensor, scale: float) -> Tensor:
+    if abs(scale - 1.0) < 1e-6:
+        return image
+    size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _upsampled_ids(ids: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if ids.shape == shape:
+        return ids
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * ids.shape[0] / shape[0], ids.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * ids.shape[1] / shape[1], ids.shape[1] - 1)
+    return ids[np.ix_(rows.astype(int), cols.astype(int))]
+
+
+def predict_image(
+    model: PanopticNet,
+    image: np.ndarray,
+    cfg: ExperimentConfig,
+    classes: ClassMapping,
+    device: torch.device,
+) -> PanopticPrediction:
+    """Full-image prediction at the training scale (shortest side s0), returned at the
+    image's own resolution (ids nearest-upsampled, instance masks too)."""
+    scale = cfg.data.shortest_side / min(image.shape[:2])
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+    with torch.no_grad():
+        (detection,) = model([_rescaled(tensor, scale).to(device)])
+    prediction = panoptic_fusion(detection, classes, cfg.eval)
+    shape = image.shape[:2]
+    prediction.ids = _upsampled_ids(prediction.ids, shape)
+    for inst in prediction.instances:
+        inst["mask"] = _upsampled_ids(inst["mask"], shape)
+    return prediction
+
+
+def shard(items: list, rank: int, world: int) -> Iterator:
+    """Every ``world``-th item starting at ``rank``: disjoint shards covering the list."""
+    return iter(items[rank::world])
+
+
+def evaluate(
+    model: PanopticNet,
+    split: PanopticSplit,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    keep: int = 0,
+) -> tuple[Any, list[tuple[dict, np.ndarray, PanopticPrediction]]]:
+    """Evaluate this rank's shard of the validation images, merge over ranks, and return the
+    result plus the first ``keep`` (image, rgb, prediction) of this rank for overlays."""
+    classes = ClassMapping.from_categories(split.categories)
+    images = split.images[: cfg.eval.max_images] if cfg.eval.max_images else split.images
+    evaluator = PanopticEvaluator(split.categories)
+    kept = []
+    was_training = model.training
+    model.eval()
+    for image in shard(images, rank, world):
+        rgb = split.read_image(image)
+        prediction = predict_image(model, rgb, cfg, classes, device)
+        gt = split.read_panoptic(image, verify=False)
+        evaluator.update(
+            image["id"],
+            gt,
+            split.annotations[image["id"]]["segments_info"],
+            prediction.ids,
+            prediction.segments,
+            split.panoptic_path(image),
+            "prediction",
+            prediction.instances,
+        )
+        if len(kept) < keep:
+            kept.append((image, rgb, prediction))
+    model.train(was_training)
+    evaluator.all_reduce()
+    return evaluator.compute(), kept

@@ -1,0 +1,169 @@
+"""MLflow tracking: where runs go, what they record, checked before any work starts.
+
+Ray workers change their working directory, so relative tracking URIs and artifact locations
+are made absolute in the driver (``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``, and
+artifacts under ``mlartifacts/`` next to it). The driver creates the run and logs the config;
+training workers (rank 0 only) attach to it by id through ``RunLogger``, so a run restarted
+after a worker failure keeps every metric logged before it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cabb_ray.config import ExperimentConfig, dump_config, flatten_config
+from cabb_ray.errors import CabbRayError
+
+MAX_PARAM_LENGTH = 500
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Absolute form of a tracking URI (relative sqlite paths are made absolute)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+        return f"sqlite:///{path}"
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Explicit artifact location for experiments on a local sqlite store."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+@contextmanager
+def _quick_http():
+    """No retries and a short timeout while probing a server that may not be there."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_tracking(uri: str) -> str:
+    """Resolve ``uri`` and make sure a run can be recorded there; one-line error otherwise."""
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise CabbRayError(f"--mlflow-uri {uri}: folder {folder} is missing or not writable")
+        return uri
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise CabbRayError(
+            f"--mlflow-uri {uri}: expected sqlite:///path.db, http(s)://host:port or databricks"
+        )
+    from mlflow.tracking import MlflowClient
+
+    with _quick_http():
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise CabbRayError(
+                f"--mlflow-uri {uri}: tracking server unreachable ({reason})"
+            ) from None
+    return uri
+
+
+def start_run(cfg: ExperimentConfig, uri: str, experiment: str, run_name: str | None = None) -> str:
+    """Create the run in the driver, log the flattened config as params and as a YAML file."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found is not None
+        else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    )
+    run = client.create_run(experiment_id, run_name=run_name)
+    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten_config(cfg).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    client.log_text(run.info.run_id, dump_config(cfg), "config.yaml")
+    return run.info.run_id
+
+
+class RunLogger:
+    """Metrics and artifacts of one run, by id (usable from any process)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step)
+            for key, value in values.items()
+            if isinstance(value, int | float) and value == value  # MLflow rejects NaN
+        ]
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+
+def per_class_table(per_class: list[dict[str, Any]]) -> str:
+    """Markdown table of per-class PQ/SQ/RQ/PC/IoU in percent."""
+
+    def pct(value: Any) -> str:
+        return "" if value is None or value != value else f"{100 * value:.1f}"
+
+    lines = ["| class | kind | PQ | SQ | RQ | PC | IoU |", "|---|---|---|---|---|---|---|"]
+    for row in per_class:
+        lines.append(
+            f"| {row['name']} | {'thing' if row['isthing'] else 'stuff'} | {pct(row['pq'])} | "
+            f"{pct(row['sq'])} | {pct(row['rq'])} | {pct(row['pc'])} | {pct(row['iou'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def size_bin_plot(metrics: dict[str, float], path: str | Path) -> Path:
+    """Bar chart of mask AP per ground-truth size-percentile bin (the CABB paper's Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [(k[len("map_") :], v) for k, v in metrics.items() if k.startswith("map_p")]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar([b for b, _ in bins], [100 * (v if v == v else 0.0) for _, v in bins], color="#3a7")
+    ax.set_xlabel("GT instance area percentile")
+    ax.set_ylabel("mask AP (%)")
+    ax.set_title("mask AP by instance size")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

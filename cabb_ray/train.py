@@ -1,0 +1,304 @@
+"""``python -m cabb_ray.train``: one data-parallel training run on Ray Train, tracked in MLflow.
+
+    python -m cabb_ray.train --config cpu_quickstart [--set optim.lr=0.02 ...] [--workers 2]
+        [--gpu] [--mlflow-uri sqlite:///mlflow.db] [--experiment NAME] [--resume CHECKPOINT]
+
+The driver checks the inputs (config, workers, GPU, MLflow), prepares the dataset (generating
+the synthetic one on first use), creates the MLflow run and starts a ``TorchTrainer`` (Ray 2.60
+Train V2). Each worker trains the panoptic network under DDP (gloo on CPU, NCCL on GPU) on its
+own crop stream, evaluates its shard of the validation images every ``eval.every`` epochs, and
+the merged metrics are reported with a checkpoint. Rank 0 logs to MLflow. After a worker
+failure Ray restarts the workers from the last checkpoint (``run.max_failures`` times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cabb_ray.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
+from cabb_ray.errors import CabbRayError, run_cli
+
+
+def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> None:
+    from cabb_ray.engine import set_rng_state
+
+    module.model.load_state_dict(payload["model"])
+    module.balancer.load_state_dict(payload["balancer"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    for key in ("step", "epoch", "nonfinite_total", "best_pq"):
+        setattr(state, key, payload["state"][key])
+    set_rng_state(payload["rng"])
+
+
+def _checkpoint_payload(module, optimizer, scheduler, state) -> dict[str, Any]:
+    from cabb_ray.engine import rng_state
+
+    return {
+        "balancer": module.balancer.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": {
+            "step": state.step,
+            "epoch": state.epoch,
+            "nonfinite_total": state.nonfinite_total,
+            "best_pq": state.best_pq,
+        },
+        "rng": rng_state(),
+    }
+
+
+def _maybe_die(fault: dict[str, Any] | None, rank: int, step: int) -> None:
+    """Fault injection for tests: the given rank's process dies abruptly at the given step,
+    once (a marker file remembers), as a crashed or preempted worker would. It first waits
+    ``delay_s``: Ray Train V2 registers a report when its controller next polls the workers
+    (every 2 s), so a crash right after a report would lose that checkpoint, which is not the
+    situation under test."""
+    if not fault or rank != fault["rank"] or step != fault["step"]:
+        return
+    marker = Path(fault["marker"])
+    if not marker.exists():
+        marker.write_text("killed\n")
+        time.sleep(float(fault.get("delay_s", 5.0)))
+        os._exit(1)
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Ray Train worker: the whole training run as seen by one rank."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+
+    from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+    from cabb_ray.data.panoptic_format import load_split
+    from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
+    from cabb_ray.losses.balancing import LossBalancer
+    from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
+    from cabb_ray.model.network import build_model
+    from cabb_ray.tracking import RunLogger
+
+    cfg = config_from_dict(loop["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    val = load_split(loop["root"], cfg.data.val_split)
+    torch.manual_seed(cfg.run.seed)
+    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss))
+    optimizer, scheduler = make_optimizer(module, cfg)
+    state = TrainState()
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            _restore(
+                module, optimizer, scheduler, state, load_checkpoint(Path(folder) / "checkpoint.pt")
+            )
+    elif loop.get("resume"):
+        _restore(module, optimizer, scheduler, state, load_checkpoint(loop["resume"]))
+    module = ray.train.torch.prepare_model(module)
+    inner = module.module if hasattr(module, "module") else module
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.optim.amp else None
+    logger = RunLogger(loop["mlflow_uri"], loop["run_id"]) if rank == 0 else None
+    dataset = CropDataset(loop["root"], cfg, split=cfg.data.train_split, rank=rank)
+    steps = cfg.optim.steps_per_epoch
+    for epoch in range(state.epoch, cfg.optim.epochs):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.loader_workers,
+            collate_fn=collate_crops,
+        )
+        start = time.perf_counter()
+        for i, (images, targets, _) in enumerate(loader):
+            _maybe_die(loop.get("fault"), rank, state.step)
+            images = [img.to(device) for img in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
+            if rank == 0 and values is not None and state.step % cfg.run.log_every == 0:
+                rate = (i + 1) / (time.perf_counter() - start)
+                print(
+                    f"epoch {epoch + 1}/{cfg.optim.epochs} step {i + 1}/{steps} "
+                    f"loss {values['loss']:.3f} lr {values['lr']:.4g} ({rate:.2f} steps/s)",
+                    flush=True,
+                )
+                logger.metrics({**values, "nonfinite_steps": state.nonfinite_total}, state.step)
+        state.epoch = epoch + 1
+        metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step}
+        evaluating = state.epoch % cfg.eval.every == 0 or state.epoch == cfg.optim.epochs
+        kept = []
+        if evaluating:
+            result, kept = evaluate(
+                inner.model, val, cfg, device, rank, world, keep=cfg.run.overlays
+            )
+            metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                path = save_checkpoint(
+                    Path(folder) / "checkpoint.pt",
+                    inner.model,
+                    cfg,
+                    val.categories,
+                    **_checkpoint_payload(inner, optimizer, scheduler, state),
+                )
+                if evaluating:
+                    _log_evaluation(logger, result, kept, metrics, state, path, val, cfg)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, cfg) -> None:
+    """Rank 0: metrics, per-class table, size-bin plot, overlays, best checkpoint."""
+    from PIL import Image
+
+    from cabb_ray.predict import overlay
+    from cabb_ray.tracking import per_class_table, size_bin_plot
+
+    logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
+    logger.text(
+        per_class_table(result.to_json()["per_class"]), f"eval/epoch_{state.epoch:03d}/per_class.md"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        plot = size_bin_plot(result.metrics, Path(folder) / "mask_ap_by_size.png")
+        logger.artifact(plot, f"eval/epoch_{state.epoch:03d}")
+        colors = {int(c["id"]): c.get("color", [128, 128, 128]) for c in val.categories}
+        for image, rgb, prediction in kept:
+            picture = overlay(rgb, prediction.ids, prediction.segments, colors)
+            path = Path(folder) / f"overlay_{image['id']}.jpg"
+            Image.fromarray(picture).save(path, quality=85)
+            logger.artifact(path, f"eval/epoch_{state.epoch:03d}")
+    pq = result.metrics.get("pq", float("nan"))
+    if pq == pq and pq > state.best_pq:
+        state.best_pq = pq
+        logger.artifact(checkpoint_path, "best")
+        logger.metrics({"best_pq": pq}, state.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def prepare(cfg: ExperimentConfig, mlflow_uri: str | None, experiment: str | None):
+    """Checks that fail fast, before Ray or any training starts; returns (cfg, uri, root)."""
+    import dataclasses
+
+    from cabb_ray.data.resolve import resolve_dataset_root
+    from cabb_ray.tracking import check_tracking
+
+    run = dataclasses.replace(
+        cfg.run,
+        mlflow_uri=mlflow_uri or cfg.run.mlflow_uri,
+        experiment=experiment or cfg.run.experiment,
+    )
+    cfg = dataclasses.replace(cfg, run=run)
+    if cfg.run.gpu and not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+        raise CabbRayError("--gpu: no CUDA device on this machine (drop --gpu to train on CPU)")
+    uri = check_tracking(cfg.run.mlflow_uri)
+    root = resolve_dataset_root(cfg.data)
+    return cfg, uri, root
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    uri: str,
+    root: Path,
+    run_id: str,
+    name: str,
+    resume: str | None = None,
+    fault: dict[str, Any] | None = None,
+):
+    """Start the TorchTrainer and wait for it; returns Ray's result. ``fault`` is a test hook
+    ({rank, step, marker}: that worker process exits at that step, once)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    storage = Path(cfg.run.output_dir).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "root": str(Path(root).resolve()),
+            "run_id": run_id,
+            "mlflow_uri": uri,
+            "resume": resume,
+            "fault": fault,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cabb_ray.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default="cpu_quickstart", help="preset name or YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
+    parser.add_argument("--gpu", action="store_true", help="train on GPUs (run.gpu)")
+    parser.add_argument("--mlflow-uri", help="tracking URI (run.mlflow_uri)")
+    parser.add_argument("--experiment", help="MLflow experiment (run.experiment)")
+    parser.add_argument("--resume", help="checkpoint.pt (or its folder) to continue from")
+    parser.add_argument("--name", help="run name (default: a timestamp)")
+    args = parser.parse_args(argv)
+
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"run.workers={args.workers}")
+    if args.gpu:
+        overrides.append("run.gpu=true")
+    cfg = load_config(args.config, overrides)
+    resume = None
+    if args.resume:
+        resume = Path(args.resume)
+        resume = resume / "checkpoint.pt" if resume.is_dir() else resume
+        if not resume.is_file():
+            raise CabbRayError(f"--resume {args.resume}: no checkpoint.pt there")
+        from cabb_ray.model.checkpoint import load_checkpoint
+
+        if "optimizer" not in load_checkpoint(resume):  # raises for files that are no checkpoint
+            raise CabbRayError(f"--resume {resume}: a model-only checkpoint cannot resume training")
+        resume = str(resume.resolve())
+    cfg, uri, root = prepare(cfg, args.mlflow_uri, args.experiment)
+
+    from cabb_ray.tracking import RunLogger, start_run
+
+    name = args.name or time.strftime("train-%Y%m%d-%H%M%S")
+    run_id = start_run(cfg, uri, cfg.run.experiment, name)
+    print(f"MLflow run {run_id} in experiment {cfg.run.experiment!r} at {uri}", flush=True)
+    try:
+        result = run_training(cfg, uri, root, run_id, name, resume)
+    except BaseException:
+        RunLogger(uri, run_id).finish("FAILED")
+        raise
+    RunLogger(uri, run_id).finish("FINISHED")
+    metrics = result.metrics or {}
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("pq", "pc", "miou", "map") if k in metrics)
+    print(f"finished: epoch {metrics.get('epoch')}, step {metrics.get('step')}; {shown}")
+    if result.checkpoint is not None:
+        print(f"last checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,254 @@
+"""Training: schedule, non-finite guard, bad input, and real Ray Train runs with MLflow."""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from cabb_ray.config import load_config
+from cabb_ray.engine import TrainState, lr_lambda, make_optimizer, train_step
+from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.train import main as train_main
+
+TINY = [
+    "data.synthetic.num_train=6",
+    "data.synthetic.num_val=2",
+    "data.synthetic.height=128",
+    "data.synthetic.width=256",
+    "data.crop_size=[64, 96]",
+    "data.shortest_side=128",
+    "model.canonical_scale=28",
+    "data.batch_size=2",
+    "optim.steps_per_epoch=3",
+    "optim.warmup_steps=2",
+    "data.loader_workers=0",
+    "run.log_every=1",
+    "eval.max_images=2",
+]
+
+
+def test_warmup_then_linear_decay():
+    cfg = load_config(
+        "cpu_quickstart",
+        [
+            "optim.epochs=1",
+            "optim.steps_per_epoch=10",
+            "optim.warmup_steps=4",
+            "optim.warmup_factor=0.2",
+        ],
+    )
+    scale = lr_lambda(cfg)
+    assert [round(scale(s), 3) for s in range(0, 11)] == [
+        0.2,
+        0.4,
+        0.6,
+        0.8,
+        1.0,
+        0.833,
+        0.667,
+        0.5,
+        0.333,
+        0.167,
+        0.0,
+    ]
+
+
+class _Exploding(nn.Module):
+    """Returns a NaN total on the steps listed, a finite one otherwise."""
+
+    def __init__(self, bad_steps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+        self.bad_steps, self.calls = set(bad_steps), 0
+
+    def forward(self, images, targets):
+        self.calls += 1
+        value = self.weight.sum() * (math.nan if self.calls in self.bad_steps else 1.0)
+        return value, {"raw/rpn_box": float(value.detach())}
+
+
+def test_non_finite_losses_are_skipped_then_fail_after_k_in_a_row():
+    cfg = load_config("cpu_quickstart", ["optim.max_nonfinite_steps=3"])
+    module = _Exploding(bad_steps={2, 4, 5, 6})
+    optimizer, scheduler = make_optimizer(module, cfg)
+    state, images = TrainState(), [torch.zeros(3, 4, 4)]
+    assert train_step(module, optimizer, scheduler, None, images, [{}], state, cfg) is not None
+    assert train_step(module, optimizer, scheduler, None, images, [{}], state, cfg) is None
+    assert train_step(module, optimizer, scheduler, None, images, [{}], state, cfg) is not None
+    assert (state.step, state.nonfinite_total, state.nonfinite_streak) == (2, 1, 0)
+    assert train_step(module, optimizer, scheduler, None, images, [{}], state, cfg) is None
+    assert train_step(module, optimizer, scheduler, None, images, [{}], state, cfg) is None
+    with pytest.raises(CabbRayError, match="3 non-finite losses in a row at step 2"):
+        train_step(module, optimizer, scheduler, None, images, [{}], state, cfg)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "no_such_preset"], "config 'no_such_preset': not a YAML file or a preset"),
+        (["--workers", "0"], "run.workers: expected a positive value, got 0"),
+        (
+            ["--mlflow-uri", "http://127.0.0.1:9"],
+            "--mlflow-uri http://127.0.0.1:9: tracking server unreachable",
+        ),
+        (
+            ["--mlflow-uri", "ftp://x"],
+            "expected sqlite:///path.db, http(s)://host:port or databricks",
+        ),
+    ],
+)
+def test_bad_input_fails_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_flag_without_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_main, ["--gpu"])
+    assert exit_info.value.code == 2
+    assert "--gpu: no CUDA device on this machine" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- real Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _history(uri, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def _run_of(uri, experiment):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        order_by=["attributes.start_time ASC"],
+    )
+    return client, runs
+
+
+@pytest.mark.integration
+def test_two_worker_run_tracks_everything_and_resumes(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [
+        "--workers",
+        "2",
+        "--mlflow-uri",
+        uri,
+        "--experiment",
+        "it",
+        *functools.reduce(operator.iadd, (["--set", s] for s in TINY), []),
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        f"run.output_dir={tmp_path / 'runs'}",
+    ]
+    assert train_main([*common, "--set", "optim.epochs=1", "--name", "first"]) == 0
+    client, runs = _run_of(uri, "it")
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.cabb_roi"] == "True" and len(run.data.params) > 40
+    assert {
+        "pq",
+        "sq",
+        "rq",
+        "pc",
+        "pq_dagger",
+        "miou",
+        "map",
+        "raw/rpn_box",
+        "weight/roi_box",
+    } <= set(run.data.metrics)
+    artifacts = {
+        a.path
+        for folder in (None, "eval/epoch_001", "best")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "config.yaml",
+        "eval/epoch_001/per_class.md",
+        "eval/epoch_001/mask_ap_by_size.png",
+        "best/checkpoint.pt",
+    } <= artifacts
+    assert any(a.startswith("eval/epoch_001/overlay_") for a in artifacts)
+    assert [s for s, _ in _history(uri, run.info.run_id, "loss")] == [1, 2, 3]
+
+    checkpoints = sorted(
+        p for p in (tmp_path / "runs" / "first").glob("checkpoint_*") if p.is_dir()
+    )
+    assert (
+        train_main(
+            [
+                *common,
+                "--set",
+                "optim.epochs=2",
+                "--name",
+                "second",
+                "--resume",
+                str(checkpoints[-1]),
+            ]
+        )
+        == 0
+    )
+    _, runs = _run_of(uri, "it")
+    resumed = runs[1]
+    assert [s for s, _ in _history(uri, resumed.info.run_id, "loss")] == [4, 5, 6]
+    assert [s for s, _ in _history(uri, resumed.info.run_id, "pq")] == [6]
+
+
+@pytest.mark.integration
+def test_worker_failure_restarts_from_last_checkpoint(ray_cluster, tmp_path):
+    from cabb_ray.tracking import start_run
+    from cabb_ray.train import prepare, run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        "cpu_quickstart",
+        [
+            *TINY,
+            "optim.epochs=2",
+            "run.workers=2",
+            "run.max_failures=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.output_dir={tmp_path / 'runs'}",
+        ],
+    )
+    cfg, uri, root = prepare(cfg, uri, "faults")
+    run_id = start_run(cfg, uri, "faults")
+    marker = tmp_path / "killed"
+    result = run_training(
+        cfg, uri, root, run_id, "faulty", fault={"rank": 1, "step": 4, "marker": str(marker)}
+    )
+    assert marker.exists(), "the worker was not killed"
+    assert result.metrics["epoch"] == 2 and result.metrics["step"] == 6
+    # Metrics logged before the failure are kept. Rank 1 died after step 4; the restart
+    # resumed from the epoch-1 checkpoint (step 3), so step 4 ran twice, with the very same
+    # loss: the checkpoint restores weights, optimizer, schedule and random states exactly.
+    assert [s for s, _ in _history(uri, run_id, "pq")] == [3, 6]
+    loss = _history(uri, run_id, "loss")
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 4, 5, 6]
+    assert loss[3][1] == loss[4][1]
