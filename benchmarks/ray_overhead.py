@@ -76,7 +76,7 @@ def ray_rate(cfg_dict: dict, root: str, steps: int) -> tuple[float, float]:
             )
 
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
             loop,

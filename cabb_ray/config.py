@@ -137,6 +137,7 @@ class RunConfig:
     experiment: str = "cabb_ray"
     output_dir: str = "runs"
     max_failures: int = 1  # Ray Train restarts from the last checkpoint this many times
+    cpus_per_worker: int | None = None  # default: local Ray splits this machine's cores
     log_every: int = 10  # steps between loss logs
     overlays: int = 2  # validation overlays logged per evaluation
 

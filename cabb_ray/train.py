@@ -206,6 +206,16 @@ def prepare(cfg: ExperimentConfig, mlflow_uri: str | None, experiment: str | Non
     return cfg, uri, root
 
 
+def _cpus_per_worker(cfg: ExperimentConfig) -> int:
+    """CPUs per worker: Ray sets each worker's torch threads to this number, so on a local
+    machine the cores are shared out among the workers instead of one each."""
+    if cfg.run.cpus_per_worker is not None:
+        return cfg.run.cpus_per_worker
+    if os.environ.get("RAY_ADDRESS"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // cfg.run.workers)
+
+
 def run_training(
     cfg: ExperimentConfig,
     uri: str,
@@ -224,7 +234,7 @@ def run_training(
     # Ray Train's print patch would echo every worker progress line twice on the driver.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     storage = Path(cfg.run.output_dir).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -237,7 +247,11 @@ def run_training(
             "resume": resume,
             "fault": fault,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.workers,
+            use_gpu=cfg.run.gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(cfg)},
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),

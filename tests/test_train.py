@@ -128,7 +128,7 @@ def test_gpu_flag_without_gpu(tmp_path, capsys, monkeypatch):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 
