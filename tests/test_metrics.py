@@ -538,3 +538,25 @@ def test_semantic_label_maps_with_ignore():
     # class 0: hit 1, gt 2, pred 1 -> 1/2; class 1: hit 2, gt 2, pred 3 -> 2/3; class 2: 1/2.
     assert per_class["iou"].tolist() == pytest.approx([0.5, 2 / 3, 0.5])
     assert metrics["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+
+
+def test_mask_ap_from_overlapping_instances():
+    """Detector output (overlapping masks with scores) can be scored instead of the segments:
+    perfect masks give AP 1, and a duplicate with a lower score is a false positive only."""
+    gt = np.zeros((8, 8), np.int64)
+    gt[:, :4], gt[:, 4:] = 26001, 26002
+    gt_segs = [seg(26001, CAR), seg(26002, CAR)]
+    perfect = [
+        {"category_id": CAR, "score": 0.9, "mask": gt == 26001},
+        {"category_id": CAR, "score": 0.8, "mask": gt == 26002},
+    ]
+    ev = PanopticEvaluator(CATEGORIES)
+    ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=perfect)
+    assert ev.compute().metrics["map"] == pytest.approx(1.0)
+    ev = PanopticEvaluator(CATEGORIES)
+    duplicate = [*perfect, {"category_id": CAR, "score": 0.1, "mask": gt == 26001}]
+    ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=duplicate)
+    assert ev.compute().metrics["map"] == pytest.approx(1.0)  # ranked last: no precision lost
+    ev = PanopticEvaluator(CATEGORIES)
+    ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=perfect[:1])
+    assert ev.compute().metrics["map"] < 0.6  # half the cars missed

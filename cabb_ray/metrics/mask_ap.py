@@ -93,30 +93,29 @@ class MaskAPAccumulator:
                 }
             )
         if instances is not None:
-            for inst in instances:
-                if int(inst["category_id"]) not in things:
-                    continue
-                rle = mask_utils.encode(np.asfortranarray(inst["mask"].astype(np.uint8)))
-                self.dets.append(
-                    {
-                        "image_id": key,
-                        "category_id": int(inst["category_id"]),
-                        "segmentation": rle,
-                        "score": float(inst["score"]),
-                    }
+            found = [
+                (
+                    int(i["category_id"]),
+                    float(i["score"]),
+                    mask_utils.encode(np.asfortranarray(i["mask"].astype(np.uint8))),
                 )
-            return
-        pred_k = [k for k, s in enumerate(pred_segments, 1) if int(s["category_id"]) in things]
-        for k, rle in zip(pred_k, encode_segments(pred_index, pred_k), strict=True):
-            seg = pred_segments[k - 1]
-            self.dets.append(
-                {
-                    "image_id": key,
-                    "category_id": int(seg["category_id"]),
-                    "segmentation": rle,
-                    "score": float(seg.get("score", 1.0)),
-                }
-            )
+                for i in instances
+                if int(i["category_id"]) in things
+            ]
+        else:
+            pred_k = [k for k, s in enumerate(pred_segments, 1) if int(s["category_id"]) in things]
+            found = [
+                (
+                    int(pred_segments[k - 1]["category_id"]),
+                    float(pred_segments[k - 1].get("score", 1.0)),
+                    rle,
+                )
+                for k, rle in zip(pred_k, encode_segments(pred_index, pred_k), strict=True)
+            ]
+        self.dets += [
+            {"image_id": key, "category_id": c, "segmentation": rle, "score": score}
+            for c, score, rle in found
+        ]
 
     def merge(self, other: MaskAPAccumulator) -> MaskAPAccumulator:
         offset = len(self.images)
