@@ -439,7 +439,13 @@ def validate(cfg: ExperimentConfig) -> None:
         "run.workers": cfg.run.workers,
         "data.synthetic.height": cfg.data.synthetic.height,
         "data.synthetic.width": cfg.data.synthetic.width,
+        "run.log_every": cfg.run.log_every,
+        "optim.max_nonfinite_steps": cfg.optim.max_nonfinite_steps,
     }
+    if cfg.run.cpus_per_worker is not None:
+        positive["run.cpus_per_worker"] = cfg.run.cpus_per_worker
+    if cfg.run.max_failures < 0:
+        raise CabbRayError(f"run.max_failures: expected >= 0, got {cfg.run.max_failures}")
     for key, value in positive.items():
         if value <= 0:
             raise CabbRayError(f"{key}: expected a positive value, got {value}")

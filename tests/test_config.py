@@ -80,6 +80,8 @@ def test_dump_round_trips(tmp_path):
         (["data.r_th=[4, 1]"], "data.r_th: expected 0 < low <= high"),
         (["optim.lr.x=1"], "'optim.lr' is a value"),
         (["loss.cabb_rpn=1"], "expected bool"),
+        (["run.cpus_per_worker=0"], "run.cpus_per_worker: expected a positive value, got 0"),
+        (["run.max_failures=-1"], "run.max_failures: expected >= 0, got -1"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
