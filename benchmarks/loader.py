@@ -6,28 +6,49 @@ For each source size it writes a few synthetic scenes, then times ``CropDataset`
 default sampler) in this process (= one DataLoader worker) and through a DataLoader with
 --workers processes. Settings follow the presets: 512x1024 sources with s0 = 512 and 256x256
 crops (the quarter-scale CPU setting doubled), 1024x2048 with s0 = 1024 and 512x512 crops
-(cityscapes_r50). The training step's consumption rate is printed next to it once the model
-exists (issue 6); until then that column says n/a.
+(cityscapes_r50). Next to it, in the same run, the crops/s a training step consumes: the CPU
+network (cpu_small) on a batch of 8 such crops, forward + backward + SGD step, median of a few
+steps after one warm-up (on a GPU machine the ResNet-50 network would consume faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from cabb_ray.config import load_config
 from cabb_ray.data.crop_dataset import CropDataset, collate_crops
 from cabb_ray.data.index import build_segment_index
 from cabb_ray.data.synthetic import write_synthetic_split
+from cabb_ray.model.network import build_model
 
 SETTINGS = [  # (source height, width, s0, crop)
     (512, 1024, 512, 256),
     (1024, 2048, 1024, 512),
 ]
+
+
+def consumption(dataset: CropDataset, batch: int = 8, steps: int = 3) -> float:
+    """Crops/s one training step of the CPU network consumes."""
+    images, targets, _ = collate_crops([dataset[i] for i in range(batch)])
+    torch.manual_seed(0)
+    model = build_model(dataset.cfg, dataset.sampler.split.categories).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times[1:])
 
 
 def main() -> None:
@@ -73,9 +94,10 @@ def main() -> None:
             for _ in loader:
                 pass
             pooled = args.crops / (time.perf_counter() - start)
+            consumed = consumption(dataset)
             print(
                 f"{height}x{width:<5d} {crop}x{crop:<4d} {single:>18.1f} {pooled:>18.1f} "
-                f"{'n/a':>17s}"
+                f"{consumed:>17.1f}  loader/train {pooled / consumed:.1f}x"
             )
 
 
