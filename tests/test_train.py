@@ -134,9 +134,9 @@ def ray_cluster():
 
 
 def _history(uri, run_id, key):
-    from mlflow.tracking import MlflowClient
+    from cabb_ray.tracking import RunLogger
 
-    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+    return RunLogger(uri, run_id).history(key)
 
 
 def _run_of(uri, experiment):

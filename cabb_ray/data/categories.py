@@ -32,11 +32,6 @@ def category_entry(name: str) -> dict[str, Any]:
     }
 
 
-def evaluation_categories() -> list[dict[str, Any]]:
-    """All 19 Cityscapes evaluation classes (train ids 0-18)."""
-    return [category_entry(lab.name) for lab in labels if not lab.ignoreInEval]
-
-
 def stuff_segment_id(name: str) -> int:
     """Segment id of a stuff region, or of a crowd of things: the Cityscapes label id."""
     return int(name2label[name].id)
