@@ -560,3 +560,15 @@ def test_mask_ap_from_overlapping_instances():
     ev = PanopticEvaluator(CATEGORIES)
     ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=perfect[:1])
     assert ev.compute().metrics["map"] < 0.6  # half the cars missed
+
+
+def test_unknown_ids_are_named_on_either_side():
+    gt = np.full((3, 3), 7, np.int64)
+    pred = gt.copy()
+    gt[0, 0] = 99
+    ev = PanopticEvaluator(CATEGORIES)
+    with pytest.raises(CabbRayError, match=r"gt\.png: segment id 99 in the PNG is missing"):
+        ev.update(0, gt, with_areas(gt, [seg(7, ROAD)]), pred, [seg(7, ROAD)], "gt.png", "p.png")
+    gt[0, 0], pred[2, 2] = 7, 123456
+    with pytest.raises(CabbRayError, match=r"p\.png: segment id 123456 in the PNG is missing"):
+        ev.update(0, gt, with_areas(gt, [seg(7, ROAD)]), pred, [seg(7, ROAD)], "gt.png", "p.png")

@@ -27,6 +27,7 @@ from cabb_ray.metrics.panoptic import (
     compact_ids,
     intersections,
     summarize,
+    unknown_id,
 )
 
 PREFETCH = 3
@@ -135,6 +136,16 @@ class PanopticEvaluator:
         gt_index = compact_ids(gt_ids, gt.ids, gt_where)
         pred_index = compact_ids(pred_ids, pred.ids, pred_where)
         counts = intersections(gt_index, pred_index, len(gt.ids), len(pred.ids))
+        for where, ids, index, table, unknown in (
+            (gt_where, gt_ids, gt_index, gt, counts[-1, :].sum()),
+            (pred_where, pred_ids, pred_index, pred, counts[:, -1].sum()),
+        ):
+            if unknown:
+                seg_id = unknown_id(ids, index, len(table.ids))
+                raise CabbRayError(
+                    f"{where}: segment id {seg_id} in the PNG is missing from segments_info"
+                )
+        counts = counts[:-1, :-1]
         for where, present, table in (
             (gt_where, counts[1:, :].sum(axis=1), gt),
             (pred_where, counts[:, 1:].sum(axis=0), pred),

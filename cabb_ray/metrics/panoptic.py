@@ -30,10 +30,10 @@ DENSE_LOOKUP_LIMIT = 1 << 24
 
 
 def _index_dtype(count: int) -> torch.dtype:
-    """Smallest integer type holding 0..count plus one sentinel value."""
-    if count < 255:
+    """Smallest integer type holding 0..count + 1 (void, segments, unknown)."""
+    if count + 1 <= 255:
         return torch.uint8
-    if count < 32767:
+    if count + 1 <= 32767:
         return torch.int16
     return torch.int32
 
@@ -51,39 +51,39 @@ def _as_int32(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
 def compact_ids(
     ids: np.ndarray | torch.Tensor, segment_ids: np.ndarray, where: str | Path
 ) -> torch.Tensor:
-    """Map panoptic ids to 0 (void) or 1 + position in ``segment_ids``; unknown ids raise.
+    """Map panoptic ids to 0 (void), 1 + position in ``segment_ids``, or len + 1 (unknown).
 
     A dense lookup table gathered with ``index_select`` (both cores) into the smallest integer
-    type that fits (uint8 for up to 254 segments): the later passes over the pixels then move
-    a quarter of the bytes.
+    type that fits (uint8 for up to 253 segments): the later passes over the pixels then move a
+    quarter of the bytes. Unknown ids get their own index instead of a separate check pass;
+    ``intersections`` counts them, and ``unknown_id`` names one for the error message.
     """
     flat = _as_int32(ids).reshape(-1)
     segment_ids = np.asarray(segment_ids, dtype=np.int64)
     dtype = _index_dtype(len(segment_ids))
-    unknown_mark = torch.iinfo(dtype).max
-    low = int(flat.min()) if flat.numel() else 0
-    top = max(int(flat.max()) if flat.numel() else 0, int(segment_ids.max(initial=0)))
+    low, top = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (0, 0)
+    top = max(top, int(segment_ids.max(initial=0)))
     if low < 0 or top >= DENSE_LOOKUP_LIMIT:
         raise CabbRayError(f"{where}: panoptic ids must lie in [0, 2^24), found {low}..{top}")
-    lookup = torch.full((top + 1,), unknown_mark, dtype=dtype)
+    lookup = torch.full((top + 1,), len(segment_ids) + 1, dtype=dtype)
     lookup[0] = 0
     lookup[torch.from_numpy(segment_ids)] = torch.arange(1, len(segment_ids) + 1).to(dtype)
-    index = lookup.index_select(0, flat)
-    bad = index == unknown_mark
-    if bool(bad.any()):
-        unknown = int(flat[bad][0])
-        raise CabbRayError(
-            f"{where}: segment id {unknown} in the PNG is missing from segments_info"
-        )
-    return index
+    return lookup.index_select(0, flat)
+
+
+def unknown_id(ids: np.ndarray | torch.Tensor, index: torch.Tensor, count: int) -> int:
+    """One id of ``ids`` that ``compact_ids`` marked unknown (error path only)."""
+    flat = _as_int32(ids).reshape(-1)
+    return int(flat[index == count + 1][0])
 
 
 def intersections(gt_index: torch.Tensor, pred_index: torch.Tensor, n_gt: int, n_pred: int):
-    """[(1 + n_gt), (1 + n_pred)] pixel counts as numpy int64; row/column 0 is void."""
-    size = (n_gt + 1) * (n_pred + 1)
-    joint = gt_index.to(torch.int32) * (n_pred + 1) + pred_index.to(torch.int32)
+    """[(2 + n_gt), (2 + n_pred)] pixel counts as numpy int64: row/column 0 is void, the last
+    row/column counts ids unknown to segments_info."""
+    size = (n_gt + 2) * (n_pred + 2)
+    joint = gt_index.to(torch.int32) * (n_pred + 2) + pred_index.to(torch.int32)
     counts = torch.bincount(joint, minlength=size)
-    return counts.numpy().reshape(n_gt + 1, n_pred + 1)
+    return counts.numpy().reshape(n_gt + 2, n_pred + 2)
 
 
 @dataclass
