@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crops import ClassMapping
-from cabb_ray.data.panoptic_format import PanopticSplit
+from cabb_ray.data.panoptic_format import PanopticSplit, segments_from_ids
 from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.balancing import LossBalancer
 from cabb_ray.metrics import PanopticEvaluator
@@ -175,9 +175,16 @@ def predict_image(
         (detection,) = model([_rescaled(tensor, scale).to(device)])
     prediction = panoptic_fusion(detection, classes, cfg.eval)
     shape = image.shape[:2]
-    prediction.ids = _upsampled_ids(prediction.ids, shape)
-    for inst in prediction.instances:
-        inst["mask"] = _upsampled_ids(inst["mask"], shape)
+    if prediction.ids.shape != shape:
+        prediction.ids = _upsampled_ids(prediction.ids, shape)
+        for inst in prediction.instances:
+            inst["mask"] = _upsampled_ids(inst["mask"], shape)
+        # areas and boxes of the upsampled map (scores and categories carry over)
+        meta = {s["id"]: s for s in prediction.segments}
+        prediction.segments = [
+            {**meta[s["id"]], "area": s["area"], "bbox": s["bbox"]}
+            for s in segments_from_ids(prediction.ids, meta)
+        ]
     return prediction
 
 

@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cabb_ray.data.crops import ClassMapping
     from cabb_ray.data.panoptic_format import id2rgb, read_rgb
+    from cabb_ray.engine import predict_image
     from cabb_ray.model.checkpoint import model_from_checkpoint
-    from cabb_ray.model.fusion import panoptic_fusion
 
     files = _images(args.images)
     wanted = None
@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{args.categories}: expected a dataset JSON with 'categories'"
             ) from None
     model, cfg, categories = model_from_checkpoint(args.checkpoint, wanted)
-    model.to(args.device).eval()
+    device = torch.device(args.device)
+    model.to(device).eval()
     classes = ClassMapping.from_categories(categories)
     colors = {int(c["id"]): c.get("color", [128, 128, 128]) for c in categories}
     (args.out / "panoptic").mkdir(parents=True, exist_ok=True)
@@ -86,10 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = progress_printer("predicted images", steps=len(files))
     for n, path in enumerate(files, start=1):
         rgb = read_rgb(path)
-        tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255).to(args.device)
-        with torch.no_grad():
-            (detection,) = model([tensor])
-        prediction = panoptic_fusion(detection, classes, cfg.eval)
+        prediction = predict_image(model, rgb, cfg, classes, device)
         png = f"{path.stem}.png"
         Image.fromarray(id2rgb(prediction.ids)).save(args.out / "panoptic" / png)
         Image.fromarray(overlay(rgb, prediction.ids, prediction.segments, colors)).save(

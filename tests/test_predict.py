@@ -104,6 +104,10 @@ def test_predict_writes_pngs_json_and_overlays(synthetic_root, checkpoint, tmp_p
     for ann in result["annotations"]:
         ids = read_ids(out / "panoptic" / ann["file_name"])
         assert set(np.unique(ids).tolist()) - {0} == {s["id"] for s in ann["segments_info"]}
+        # predicted at the training scale (shortest side 256 for 128-px images), stored at
+        # input size: areas describe the stored map
+        for s in ann["segments_info"]:
+            assert s["area"] == int((ids == s["id"]).sum())
         assert (out / "overlays" / f"{ann['image_id']}.jpg").is_file()
         assert ids.shape == (128, 256)
 
