@@ -26,6 +26,11 @@ from cabb_ray.progress import progress_printer
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+def category_colors(categories: list[dict]) -> dict[int, list[int]]:
+    """Category id to its RGB colour (Cityscapes colours; grey where a category has none)."""
+    return {int(c["id"]): c.get("color", [128, 128, 128]) for c in categories}
+
+
 def overlay(image: np.ndarray, ids: np.ndarray, segments: list[dict], colors: dict) -> np.ndarray:
     """Category colours blended over the image, with white segment borders."""
     out = image.astype(np.float32).copy()
@@ -79,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     model.to(device).eval()
     classes = ClassMapping.from_categories(categories)
-    colors = {int(c["id"]): c.get("color", [128, 128, 128]) for c in categories}
+    colors = category_colors(categories)
     (args.out / "panoptic").mkdir(parents=True, exist_ok=True)
     (args.out / "overlays").mkdir(parents=True, exist_ok=True)
     annotations, images = [], []

@@ -26,6 +26,8 @@ import torch
 from cabb_ray.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
 from cabb_ray.errors import CabbRayError, run_cli
 
+STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq")  # TrainState fields checkpointed
+
 
 def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> None:
     from cabb_ray.engine import set_rng_state
@@ -34,7 +36,7 @@ def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> No
     module.balancer.load_state_dict(payload["balancer"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    for key in ("step", "epoch", "nonfinite_total", "best_pq"):
+    for key in STATE_KEYS:
         setattr(state, key, payload["state"][key])
     set_rng_state(payload["rng"])
 
@@ -46,12 +48,7 @@ def _checkpoint_payload(module, optimizer, scheduler, state) -> dict[str, Any]:
         "balancer": module.balancer.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "state": {
-            "step": state.step,
-            "epoch": state.epoch,
-            "nonfinite_total": state.nonfinite_total,
-            "best_pq": state.best_pq,
-        },
+        "state": {key: getattr(state, key) for key in STATE_KEYS},
         "rng": rng_state(),
     }
 
@@ -139,6 +136,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                 inner.model, val, cfg, device, rank, world, keep=cfg.run.overlays
             )
             metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
+        pq = metrics.get("pq", float("nan"))
+        improved = evaluating and pq == pq and pq > state.best_pq
+        if improved:  # before saving, so that the checkpoint knows its own best
+            state.best_pq = pq
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
@@ -150,16 +151,16 @@ def train_loop(loop: dict[str, Any]) -> None:
                     **_checkpoint_payload(inner, optimizer, scheduler, state),
                 )
                 if evaluating:
-                    _log_evaluation(logger, result, kept, metrics, state, path, val, cfg)
+                    _log_evaluation(logger, result, kept, metrics, state, path, val, improved)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, cfg) -> None:
+def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, improved) -> None:
     """Rank 0: metrics, per-class table, size-bin plot, overlays, best checkpoint."""
     from PIL import Image
 
-    from cabb_ray.predict import overlay
+    from cabb_ray.predict import category_colors, overlay
     from cabb_ray.tracking import per_class_table, size_bin_plot
 
     logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
@@ -169,17 +170,15 @@ def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, 
     with tempfile.TemporaryDirectory() as folder:
         plot = size_bin_plot(result.metrics, Path(folder) / "mask_ap_by_size.png")
         logger.artifact(plot, f"eval/epoch_{state.epoch:03d}")
-        colors = {int(c["id"]): c.get("color", [128, 128, 128]) for c in val.categories}
+        colors = category_colors(val.categories)
         for image, rgb, prediction in kept:
             picture = overlay(rgb, prediction.ids, prediction.segments, colors)
             path = Path(folder) / f"overlay_{image['id']}.jpg"
             Image.fromarray(picture).save(path, quality=85)
             logger.artifact(path, f"eval/epoch_{state.epoch:03d}")
-    pq = result.metrics.get("pq", float("nan"))
-    if pq == pq and pq > state.best_pq:
-        state.best_pq = pq
+    if improved:
         logger.artifact(checkpoint_path, "best")
-        logger.metrics({"best_pq": pq}, state.step)
+        logger.metrics({"best_pq": state.best_pq}, state.step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -200,6 +200,8 @@ def test_two_worker_run_tracks_everything_and_resumes(ray_cluster, tmp_path, mon
     checkpoints = sorted(
         p for p in (tmp_path / "runs" / "first").glob("checkpoint_*") if p.is_dir()
     )
+    saved = torch.load(checkpoints[-1] / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["best_pq"] == run.data.metrics["pq"]  # the checkpoint knows its best
     assert (
         train_main(
             [
