@@ -124,12 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cabb_ray.config import load_config
         from cabb_ray.data.preview import write_preview
 
-        cfg = load_config(args.config, [*args.set, f"data.sampler={args.sampler}"])
+        overrides = [*args.set, f"data.sampler={args.sampler}"]
         if args.split:
-            cfg = load_config(
-                args.config,
-                [*args.set, f"data.sampler={args.sampler}", f"data.train_split={args.split}"],
-            )
+            overrides.append(f"data.train_split={args.split}")
+        cfg = load_config(args.config, overrides)
         for path in write_preview(args.root, cfg, args.num, args.out, args.seed):
             print(f"wrote {path}")
     elif args.command == "levels":
