@@ -137,7 +137,8 @@ class RunConfig:
     experiment: str = "cabb_ray"
     output_dir: str = "runs"
     max_failures: int = 1  # Ray Train restarts from the last checkpoint this many times
-    cpus_per_worker: int | None = None  # default: local Ray splits this machine's cores
+    cpus_per_worker: float | None = None  # default: local Ray splits this machine's cores
+    gpus_per_worker: float = 1.0  # with run.gpu; fractions share a GPU between workers
     log_every: int = 10  # steps between loss logs
     overlays: int = 2  # validation overlays logged per evaluation
 
@@ -421,6 +422,24 @@ def config_from_dict(data: Mapping[str, Any], where: str = "") -> ExperimentConf
     return cfg
 
 
+def set_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
+    """Return a copy of ``cfg`` with dotted keys set to already parsed values, each coerced to
+    its field's type exactly like ``--set`` (not yet cross-validated)."""
+    for key, value in values.items():
+        try:
+            cfg = _set_path(cfg, key.split("."), value, None, "")
+        except CabbRayError as err:
+            raise CabbRayError(f"{key}: {err}") from None
+    return cfg
+
+
+def apply_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
+    """``set_values`` then ``validate``: a search trial's sampled values on its base config."""
+    cfg = set_values(cfg, values)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field checks that a type alone cannot express."""
     for name in ("r_st", "r_th"):
@@ -444,6 +463,21 @@ def validate(cfg: ExperimentConfig) -> None:
     }
     if cfg.run.cpus_per_worker is not None:
         positive["run.cpus_per_worker"] = cfg.run.cpus_per_worker
+    if cfg.run.gpu and cfg.run.gpus_per_worker <= 0:
+        raise CabbRayError(
+            f"run.gpus_per_worker: expected > 0 with run.gpu, got {cfg.run.gpus_per_worker}"
+        )
+    total_steps = cfg.optim.epochs * cfg.optim.steps_per_epoch
+    if not 0 <= cfg.optim.warmup_steps < total_steps:
+        raise CabbRayError(
+            f"optim.warmup_steps: expected 0 <= warm-up < the run's {total_steps} steps "
+            f"(optim.epochs x optim.steps_per_epoch), got {cfg.optim.warmup_steps}"
+        )
+    if cfg.data.sampler != "full" and min(cfg.data.crop_size) > cfg.data.shortest_side:
+        raise CabbRayError(
+            f"data.crop_size {list(cfg.data.crop_size)}: larger than the image rescaled to "
+            f"data.shortest_side {cfg.data.shortest_side} in both directions"
+        )
     if cfg.run.max_failures < 0:
         raise CabbRayError(f"run.max_failures: expected >= 0, got {cfg.run.max_failures}")
     for key, value in positive.items():
@@ -460,6 +494,16 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("rpn_beta", "roi_beta"):
         if getattr(cfg.loss, key) <= 0:
             raise CabbRayError(f"loss.{key}: expected > 0, got {getattr(cfg.loss, key)}")
+    for key, weight in dataclasses.asdict(cfg.loss.weights).items():
+        if not weight >= 0:
+            raise CabbRayError(f"loss.weights.{key}: expected >= 0, got {weight}")
+    if not 0 <= cfg.loss.normalized_momentum < 1:
+        raise CabbRayError(
+            f"loss.normalized_momentum: expected 0 <= m < 1, got {cfg.loss.normalized_momentum}"
+        )
+    for key in ("score_threshold", "overlap_threshold"):
+        if not 0 <= getattr(cfg.eval, key) <= 1:
+            raise CabbRayError(f"eval.{key}: expected 0..1, got {getattr(cfg.eval, key)}")
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

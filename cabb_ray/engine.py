@@ -72,6 +72,7 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
     best_pq: float = -1.0
+    last_metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -80,19 +80,30 @@ def check_tracking(uri: str) -> str:
     return uri
 
 
-def start_run(cfg: ExperimentConfig, uri: str, experiment: str, run_name: str | None = None) -> str:
+def experiment_id(uri: str, experiment: str) -> str:
+    """Id of the named experiment, created with an absolute artifact location if missing."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=artifact_root(uri))
+
+
+def start_run(
+    cfg: ExperimentConfig,
+    uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Create the run in the driver, log the flattened config as params and as a YAML file."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = (
-        found.experiment_id
-        if found is not None
-        else client.create_experiment(experiment, artifact_location=artifact_root(uri))
-    )
-    run = client.create_run(experiment_id, run_name=run_name)
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten_config(cfg).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
@@ -129,6 +140,17 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def tags(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def reopen(self) -> None:
+        """Mark a run that continues (a resumed search trial) as running again."""
+        self.client.update_run(self.run_id, status="RUNNING")
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]

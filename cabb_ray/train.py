@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
-from cabb_ray.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
+from cabb_ray.config import ExperimentConfig, config_from_dict, load_config
 from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.launch import on_cluster
 
-STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq")  # TrainState fields checkpointed
+# TrainState fields checkpointed
+STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics")
 
 
 def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> None:
@@ -37,7 +39,8 @@ def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> No
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     for key in STATE_KEYS:
-        setattr(state, key, payload["state"][key])
+        if key in payload["state"]:  # checkpoints written before a key existed lack it
+            setattr(state, key, payload["state"][key])
     set_rng_state(payload["rng"])
 
 
@@ -128,18 +131,28 @@ def train_loop(loop: dict[str, Any]) -> None:
                 )
                 logger.metrics({**values, "nonfinite_steps": state.nonfinite_total}, state.step)
         state.epoch = epoch + 1
-        metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step}
-        evaluating = state.epoch % cfg.eval.every == 0 or state.epoch == cfg.optim.epochs
+        evaluating = _evaluates(state, cfg, loop.get("eval_epochs"))
         kept = []
         if evaluating:
             result, kept = evaluate(
                 inner.model, val, cfg, device, rank, world, keep=cfg.run.overlays
             )
-            metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
-        pq = metrics.get("pq", float("nan"))
+            state.last_metrics = {
+                k: v for k, v in result.metrics.items() if isinstance(v, int | float)
+            }
+        pq = state.last_metrics.get("pq", float("nan"))
         improved = evaluating and pq == pq and pq > state.best_pq
         if improved:  # before saving, so that the checkpoint knows its own best
             state.best_pq = pq
+        # Every report carries the same keys: the last evaluated metrics (a search's scheduler
+        # and searcher read them at any epoch), the best PQ so far and the counters.
+        metrics: dict[str, Any] = {
+            **state.last_metrics,
+            "best_pq": state.best_pq,
+            "epoch": state.epoch,
+            "step": state.step,
+            "evaluated": int(evaluating),
+        }
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
@@ -156,6 +169,18 @@ def train_loop(loop: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _evaluates(state, cfg: ExperimentConfig, eval_epochs: list[int] | None) -> bool:
+    """Evaluate every ``eval.every`` epochs, at the last epoch, at the epochs a search's
+    scheduler decides on, and whenever nothing has been evaluated yet (so that no report
+    lacks its metrics)."""
+    return (
+        state.epoch % cfg.eval.every == 0
+        or state.epoch == cfg.optim.epochs
+        or state.epoch in (eval_epochs or ())
+        or not state.last_metrics
+    )
+
+
 def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, improved) -> None:
     """Rank 0: metrics, per-class table, size-bin plot, overlays, best checkpoint."""
     from PIL import Image
@@ -163,7 +188,7 @@ def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, 
     from cabb_ray.predict import category_colors, overlay
     from cabb_ray.tracking import per_class_table, size_bin_plot
 
-    logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
+    logger.metrics({k: v for k, v in metrics.items() if k not in ("step", "evaluated")}, state.step)
     logger.text(
         per_class_table(result.to_json()["per_class"]), f"eval/epoch_{state.epoch:03d}/per_class.md"
     )
@@ -198,21 +223,11 @@ def prepare(cfg: ExperimentConfig, mlflow_uri: str | None, experiment: str | Non
         experiment=experiment or cfg.run.experiment,
     )
     cfg = dataclasses.replace(cfg, run=run)
-    if cfg.run.gpu and not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+    if cfg.run.gpu and not torch.cuda.is_available() and not on_cluster():
         raise CabbRayError("--gpu: no CUDA device on this machine (drop --gpu to train on CPU)")
     uri = check_tracking(cfg.run.mlflow_uri)
     root = resolve_dataset_root(cfg.data)
     return cfg, uri, root
-
-
-def _cpus_per_worker(cfg: ExperimentConfig) -> int:
-    """CPUs per worker: Ray sets each worker's torch threads to this number, so on a local
-    machine the cores are shared out among the workers instead of one each."""
-    if cfg.run.cpus_per_worker is not None:
-        return cfg.run.cpus_per_worker
-    if os.environ.get("RAY_ADDRESS"):
-        return 1
-    return max(1, (os.cpu_count() or 1) // cfg.run.workers)
 
 
 def run_training(
@@ -223,40 +238,18 @@ def run_training(
     name: str,
     resume: str | None = None,
     fault: dict[str, Any] | None = None,
+    verbose: bool = False,
 ):
     """Start the TorchTrainer and wait for it; returns Ray's result. ``fault`` is a test hook
     ({rank, step, marker}: that worker process exits at that step, once)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from cabb_ray.launch import build_trainer, check_fits_locally, init_ray, worker_resources
 
-    # Ray Train's print patch would echo every worker progress line twice on the driver.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    storage = Path(cfg.run.output_dir).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config_to_dict(cfg),
-            "root": str(Path(root).resolve()),
-            "run_id": run_id,
-            "mlflow_uri": uri,
-            "resume": resume,
-            "fault": fault,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.workers,
-            use_gpu=cfg.run.gpu,
-            resources_per_worker={"CPU": _cpus_per_worker(cfg)},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+    resources = worker_resources(cfg)
+    if not on_cluster():
+        check_fits_locally(resources.cpus, resources.gpus, f"{resources.workers} workers")
+    init_ray(verbose=verbose)
+    trainer = build_trainer(
+        cfg, uri, root, run_id, name, resources, cfg.run.output_dir, resume=resume, fault=fault
     )
     return trainer.fit()
 
@@ -275,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", help="MLflow experiment (run.experiment)")
     parser.add_argument("--resume", help="checkpoint.pt (or its folder) to continue from")
     parser.add_argument("--name", help="run name (default: a timestamp)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     args = parser.parse_args(argv)
 
     overrides = list(args.set)
@@ -302,7 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = start_run(cfg, uri, cfg.run.experiment, name)
     print(f"MLflow run {run_id} in experiment {cfg.run.experiment!r} at {uri}", flush=True)
     try:
-        result = run_training(cfg, uri, root, run_id, name, resume)
+        result = run_training(cfg, uri, root, run_id, name, resume, verbose=args.verbose)
+    except KeyboardInterrupt:
+        RunLogger(uri, run_id).finish("KILLED")
+        raise
     except BaseException:
         RunLogger(uri, run_id).finish("FAILED")
         raise

@@ -1,0 +1,165 @@
+"""Building one Ray Train run: what ``cabb_ray.train`` and every search trial share.
+
+Resources are checked before Ray starts (a request that can never fit would otherwise make
+Ray Train V2 wait or retry forever), Ray's console output is quieted unless asked for, and the
+``TorchTrainer`` gets an absolute storage path (Tune changes a trial's working directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cabb_ray.config import ExperimentConfig, config_to_dict
+from cabb_ray.errors import CabbRayError
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one training run asks Ray for."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+    @property
+    def cpus(self) -> float:
+        return self.workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+    def ray_resources(self) -> dict[str, float]:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
+
+
+def on_cluster(address: str | None = None) -> bool:
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def worker_resources(cfg: ExperimentConfig, share: int = 1) -> WorkerResources:
+    """Per-worker CPUs and GPUs. Unset CPUs on a local machine: its cores are shared out among
+    the workers of ``share`` concurrent runs (Ray sets each worker's torch threads to its CPU
+    count, so one core each would leave the rest idle); on a cluster, one each."""
+    cpus = cfg.run.cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if on_cluster() else max(1, (os.cpu_count() or 1) // (cfg.run.workers * share))
+    return WorkerResources(cfg.run.workers, float(cpus), cfg.run.gpus_per_worker * cfg.run.gpu)
+
+
+def check_fits_locally(need_cpus: float, need_gpus: float, what: str) -> None:
+    """Fail before Ray starts when a local request can never be granted."""
+    have_cpus = os.cpu_count() or 1
+    have_gpus = _local_gpus()
+    if need_cpus > have_cpus + 1e-9:
+        raise CabbRayError(
+            f"{what} need {need_cpus:g} CPUs but this machine has {have_cpus}; lower the workers "
+            "or CPUs per worker"
+        )
+    if need_gpus > have_gpus + 1e-9:
+        raise CabbRayError(
+            f"{what} need {need_gpus:g} GPUs but this machine has {have_gpus}; lower the workers "
+            "or GPUs per worker, or train on CPU"
+        )
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Keep the console to Ray's progress table and our own lines unless ``verbose``."""
+    # Ray Train's print patch would echo every worker progress line twice on the driver.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("ray.train", "ray.tune", "ray.data", "ray.util.state"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+
+
+# A search trial's driver (the Tune function that waits on its TorchTrainer) computes nothing,
+# and Ray cannot schedule an actor that asks for no resource at all: it asks for one unit of
+# this custom resource instead, so that on 2 cores the trial's worker can have both. A local
+# Ray declares plenty of it; a cluster declares it on the nodes that may host trial drivers
+# (the head node in cluster/*.yaml), which also keeps drivers off spot workers.
+TRIAL_SLOT = "trial_slot"
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet_ray(verbose)
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        log_to_driver=True,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        resources=None if address else {TRIAL_SLOT: 1000},
+    )
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    uri: str,
+    root: Path,
+    run_id: str,
+    name: str,
+    resources: WorkerResources,
+    storage: str | Path,
+    eval_epochs: list[int] | None = None,
+    callbacks: list[Any] | None = None,
+    resume: str | None = None,
+    fault: dict[str, Any] | None = None,
+):
+    """The ``TorchTrainer`` of one training run. ``name`` must be unique to the run: Ray Train
+    restores automatically when storage and name repeat (that is how a restarted search trial
+    continues). ``fault`` is a test hook ({rank, step, marker}: that worker exits at that step,
+    once)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cabb_ray.train import train_loop
+
+    storage = str(storage)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "root": str(Path(root).resolve()),
+            "run_id": run_id,
+            "mlflow_uri": uri,
+            "resume": resume,
+            "fault": fault,
+            "eval_epochs": sorted(set(eval_epochs or [])),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=resources.ray_resources(),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )

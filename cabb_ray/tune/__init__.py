@@ -1,0 +1,1 @@
+"""The hyper-parameter search: space files, trials, driver, leaderboard and CLI."""

@@ -1,0 +1,112 @@
+"""Driver-side hooks: final status and cost of each child run, our console lines, and the
+Optuna searcher's handling of invalid trials."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+from cabb_ray.tune.trial import INVALID_KEY, TAG_OUTCOME, TrialSetup, find_child_run
+
+
+class ChildRunCallback(Callback):
+    """Ends each trial's MLflow child run with the status that matches how the trial ended
+    (no run is left RUNNING), records its cost, and prints one line per trial start/end."""
+
+    def __init__(self, setup: TrialSetup, max_epochs: int, experiment_id: str):
+        self.trial_setup = setup
+        self.max_epochs = max_epochs
+        self.experiment_id = experiment_id
+        self.started: dict[str, float] = {}
+
+    # -- Tune hooks
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.started.setdefault(trial.trial_id, time.time())
+        print(f"trial {trial.trial_id} started: {_short(trial.config)}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if result.get("evaluated"):
+            print(
+                f"trial {trial.trial_id} epoch {result.get('epoch')}: pq {result.get('pq', 0):.4f} "
+                f"pq_th {result.get('pq_th', 0):.4f} pc {result.get('pc', 0):.4f}",
+                flush=True,
+            )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        epoch = int(result.get("epoch", 0) or 0)
+        if INVALID_KEY in result:
+            self._close(trial, "FAILED", "invalid", result)
+        elif epoch < self.max_epochs:
+            self._close(trial, "KILLED", "early_stopped", result)
+        else:
+            self._close(trial, "FINISHED", "finished", result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial, "FAILED", "failed", trial.last_result or {})
+
+    # -- helpers
+    def _close(self, trial, status: str, outcome: str, result: dict[str, Any]) -> None:
+        from cabb_ray.tracking import RunLogger
+
+        run_id = find_child_run(
+            self.trial_setup.uri, self.experiment_id, self.trial_setup.search, trial.trial_id
+        )
+        wall = float(
+            result.get("time_total_s")
+            or time.time() - self.started.get(trial.trial_id, time.time())
+        )
+        cost = trial_cost(
+            wall, self.trial_setup.resources, int(result.get("epoch", 0) or 0), self.max_epochs
+        )
+        pq = result.get("pq", math.nan)
+        print(
+            f"trial {trial.trial_id} {outcome.replace('_', ' ')} at epoch "
+            f"{result.get('epoch', 0)}: pq {pq:.4f}, {wall / 60:.1f} min",
+            flush=True,
+        )
+        if run_id is None:  # failed before its run existed
+            return
+        logger = RunLogger(self.trial_setup.uri, run_id)
+        logger.metrics(cost, int(result.get("step", 0) or 0))
+        logger.tags({TAG_OUTCOME: outcome})
+        logger.finish(status)
+
+
+def trial_cost(wall_s: float, resources, epochs: int, max_epochs: int) -> dict[str, float]:
+    """Wall time, device-hours (GPU-hours on GPUs, CPU-core-hours otherwise) and the
+    device-hours this trial would still have needed to reach the last epoch."""
+    per_hour = resources.gpus if resources.gpus else resources.cpus
+    hours = wall_s / 3600 * per_hour
+    remaining = hours / epochs * (max_epochs - epochs) if epochs else 0.0
+    return {
+        "cost/wall_s": wall_s,
+        "cost/device_hours": hours,
+        "cost/saved_device_hours": max(0.0, remaining),
+    }
+
+
+def _short(config: dict[str, Any]) -> str:
+    parts = []
+    for key, value in config.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key.split('.')[-1]}={shown}")
+    return ", ".join(parts)
+
+
+class CabbOptunaSearch(OptunaSearch):
+    """OptunaSearch that marks trials with an invalid config as FAIL in the study (their NaN
+    metrics would otherwise be refused and leave the Optuna trial RUNNING)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if INVALID_KEY not in result:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and INVALID_KEY in result:
+            result, error = None, True
+        super().on_trial_complete(trial_id, result, error)

@@ -1,0 +1,323 @@
+"""The search driver: parent MLflow run, Optuna searcher, ASHA, Tuner (new or restored), and
+what happens at the end (leaderboard, Pareto front, cost, best trial)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cabb_ray.config import ExperimentConfig, config_to_dict, flatten_config
+from cabb_ray.launch import WorkerResources
+from cabb_ray.tune.space import METRICS, SearchSpec, searched_keys
+from cabb_ray.tune.trial import TAG_BEST, TAG_OUTCOME, TAG_SEARCH, TrialSetup
+
+STATE_FILE = "search.json"
+
+
+@dataclass
+class Search:
+    spec: SearchSpec
+    cfg: ExperimentConfig
+    uri: str
+    root: Path
+    name: str
+    folder: Path
+    storage: str
+    experiment: str
+    resources: WorkerResources
+    verbose: bool = False
+    parent_run_id: str = ""
+    experiment_id: str = ""
+    fault: dict[str, Any] | None = None  # test hook for one trial's Train workers
+    extra_callbacks: list[Any] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ state
+    def finished(self, state: dict[str, Any]) -> bool:
+        from cabb_ray.tracking import RunLogger
+
+        return RunLogger(self.uri, state["parent_run_id"]).status() == "FINISHED"
+
+    def start(self, state: dict[str, Any]) -> None:
+        """Create (or, on resume, reopen) the parent run and write the folder's state file."""
+        from cabb_ray.tracking import RunLogger, experiment_id, start_run
+
+        self.experiment_id = experiment_id(self.uri, self.experiment)
+        if state:
+            self.parent_run_id = state["parent_run_id"]
+            RunLogger(self.uri, self.parent_run_id).reopen()
+            print(f"resuming search {self.name} (MLflow parent run {self.parent_run_id})")
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parent_run_id = start_run(
+            self.cfg,
+            self.uri,
+            self.experiment,
+            run_name=self.name,
+            tags={TAG_SEARCH: self.name, "cabb_ray.kind": "search"},
+        )
+        parent = RunLogger(self.uri, self.parent_run_id)
+        parent.text(self.spec.text, f"space/{self.spec.path.name}")
+        parent.tags(
+            {
+                "search.metric": ",".join(self.spec.metrics),
+                "search.mode": ",".join(self.spec.modes),
+                "search.searcher": self.spec.searcher,
+                "search.num_samples": self.spec.num_samples,
+                "search.scheduler": json.dumps(self.spec.scheduler.__dict__)
+                if self.spec.scheduler
+                else "none",
+                "search.space": ", ".join(searched_keys(self.spec)),
+                "search.folder": str(self.folder),
+            }
+        )
+        (self.folder / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "parent_run_id": self.parent_run_id,
+                    "mlflow_uri": self.uri,
+                    "experiment": self.experiment,
+                    "space": str(self.spec.path.resolve()),
+                },
+                indent=2,
+            )
+        )
+        print(
+            f"search {self.name}: {self.spec.num_samples} trials, MLflow experiment "
+            f"{self.experiment!r} (parent run {self.parent_run_id}) at {self.uri}",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ Tune
+    def _setup(self) -> TrialSetup:
+        rungs = self.spec.scheduler.rungs() if self.spec.scheduler else []
+        return TrialSetup(
+            search=self.name,
+            base_config=config_to_dict(self.cfg),
+            metric_names=tuple(METRICS),
+            uri=self.uri,
+            experiment=self.experiment,
+            parent_run_id=self.parent_run_id,
+            root=str(self.root),
+            train_storage=f"{self.storage.rstrip('/')}/{self.name}/train",
+            eval_epochs=tuple(rungs),
+            resources=self.resources,
+            fault=self.fault,
+        )
+
+    def _searcher(self):
+        import optuna
+
+        from cabb_ray.tune.callbacks import CabbOptunaSearch
+
+        spec = self.spec
+        samplers = {
+            "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
+            "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+            "grid": lambda: optuna.samplers.GridSampler(spec.grid_space(), seed=spec.seed),
+        }
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{self.folder / 'optuna.db'}")
+        multi = spec.multi_objective
+        return CabbOptunaSearch(
+            space=spec.define_by_run(flatten_config(self.cfg)),
+            metric=spec.metrics if multi else spec.metric,
+            mode=spec.modes if multi else spec.mode,
+            sampler=samplers[spec.searcher](),
+            study_name=self.name,
+            storage=storage,
+        )
+
+    def _scheduler(self):
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+        sched = self.spec.scheduler
+        if sched is None:
+            return FIFOScheduler()
+        return ASHAScheduler(
+            time_attr="epoch",
+            metric=self.spec.metric,
+            mode=self.spec.mode,
+            max_t=sched.max_t,
+            grace_period=sched.grace_period,
+            reduction_factor=sched.reduction_factor,
+        )
+
+    def _trainable(self):
+        from ray import tune
+
+        from cabb_ray.launch import TRIAL_SLOT
+        from cabb_ray.tune.trial import run_trial
+
+        driver_cpus = self.spec.resources.driver_cpus
+        return tune.with_resources(
+            tune.with_parameters(run_trial, setup=self._setup()),
+            {"CPU": driver_cpus} if driver_cpus else {"CPU": 0, TRIAL_SLOT: 1},
+        )
+
+    def run(self, resume: bool) -> bool:
+        """Run (or continue) the trials; True when every trial has ended."""
+        from ray import tune
+
+        from cabb_ray.launch import init_ray
+        from cabb_ray.tune.callbacks import ChildRunCallback
+
+        init_ray(verbose=self.verbose)
+        self._check_cluster()
+        callback = ChildRunCallback(self._setup(), self.cfg.optim.epochs, self.experiment_id)
+        path = f"{self.storage.rstrip('/')}/{self.name}"
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(
+                path, trainable=self._trainable(), resume_unfinished=True, resume_errored=False
+            )
+        else:
+            tuner = tune.Tuner(
+                self._trainable(),
+                tune_config=tune.TuneConfig(
+                    search_alg=self._searcher(),
+                    scheduler=self._scheduler(),
+                    num_samples=self.spec.num_samples,
+                    max_concurrent_trials=self.spec.max_concurrent_trials,
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                ),
+                run_config=tune.RunConfig(
+                    name=self.name,
+                    storage_path=self.storage,
+                    failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
+                    callbacks=[callback, *self.extra_callbacks],
+                    verbose=2 if self.verbose else 1,
+                ),
+            )
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the state is saved to resume
+            tuner.fit()
+        return self.ended_trials() >= self.spec.num_samples
+
+    def _check_cluster(self) -> None:
+        """Joining a cluster: drivers need the trial-slot resource somewhere."""
+        import ray
+
+        from cabb_ray.errors import CabbRayError
+        from cabb_ray.launch import TRIAL_SLOT
+
+        if not self.spec.resources.driver_cpus and TRIAL_SLOT not in ray.cluster_resources():
+            raise CabbRayError(
+                f"the Ray cluster declares no '{TRIAL_SLOT}' resource for trial drivers: add "
+                f"resources: {{{TRIAL_SLOT}: 100}} to its head node or set "
+                "resources.driver_cpus in the space file"
+            )
+
+    # ------------------------------------------------------------------ results
+    def _children(self):
+        from cabb_ray.tune.leaderboard import child_runs
+
+        return child_runs(self.uri, self.experiment_id, self.name)
+
+    def ended_trials(self) -> int:
+        return sum(1 for run in self._children() if TAG_OUTCOME in run.data.tags)
+
+    def table(self):
+        from cabb_ray.tune.leaderboard import leaderboard
+
+        return leaderboard(self._children(), self.spec.metric, self.spec.mode)
+
+    def finish(self, complete: bool, top: int) -> None:
+        """Close runs, log the leaderboard, Pareto front and cost, tag and copy the best."""
+        from cabb_ray.tracking import RunLogger
+
+        for run in self._children():
+            if run.info.status == "RUNNING":  # interrupted mid-trial; --resume reopens it
+                child = RunLogger(self.uri, run.info.run_id)
+                child.tags({TAG_OUTCOME: "interrupted"})
+                child.finish("KILLED")
+        table = self.table()
+        parent = RunLogger(self.uri, self.parent_run_id)
+        self._log_table(parent, table)
+        if not complete:
+            parent.finish("KILLED")
+            return
+        best = table.dropna(subset=[self.spec.metric])
+        if not best.empty:
+            self._mark_best(parent, best.iloc[0])
+        parent.finish("FINISHED")
+        self.print_summary(top, table)
+
+    def _log_table(self, parent, table) -> None:
+        from cabb_ray.tune.leaderboard import pareto_front, pareto_plot
+
+        if table.empty:
+            return
+        total = float(table["device_h"].fillna(0).sum())
+        saved = float(table["saved_device_h"].fillna(0).sum())
+        parent.metrics(
+            {
+                "search/trials": len(table),
+                "search/device_hours": total,
+                "search/saved_device_hours": saved,
+                "search/best_" + self.spec.metric: float(table[self.spec.metric].iloc[0]),
+            },
+            len(table),
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            csv, parquet = Path(tmp) / "leaderboard.csv", Path(tmp) / "leaderboard.parquet"
+            table.to_csv(csv, index=False)
+            objects = {c: table[c].astype(str) for c in table if table[c].dtype == object}
+            table.assign(**objects).to_parquet(parquet)
+            parent.artifact(csv)
+            parent.artifact(parquet)
+            for path in (csv, parquet):
+                path.replace(self.folder / path.name)
+            if self.spec.multi_objective:
+                front = pareto_front(table, self.spec.metrics, self.spec.modes)
+                front.to_csv(Path(tmp) / "pareto_front.csv", index=False)
+                parent.artifact(Path(tmp) / "pareto_front.csv")
+                parent.artifact(
+                    pareto_plot(table, front, self.spec.metrics, Path(tmp) / "pareto_front.png")
+                )
+
+    def _mark_best(self, parent, row) -> None:
+        """Tag the best trial and copy its best checkpoint and config next to the results."""
+        import mlflow.artifacts
+
+        from cabb_ray.tracking import RunLogger
+
+        RunLogger(self.uri, row["run_id"]).tags({TAG_BEST: "true"})
+        parent.tags({"cabb_ray.best_run_id": row["run_id"], "cabb_ray.best_trial": row["trial"]})
+        best = self.folder / "best"
+        best.mkdir(exist_ok=True)
+        for artifact in ("best/checkpoint.pt", "config.yaml"):
+            try:
+                mlflow.artifacts.download_artifacts(
+                    run_id=row["run_id"],
+                    artifact_path=artifact,
+                    dst_path=str(best),
+                    tracking_uri=self.uri,
+                )
+            except Exception as err:  # a tracking hiccup must not cost the search's results
+                print(f"warning: could not copy {artifact} of the best trial: {err}")
+
+    def print_summary(self, top: int, table=None) -> None:
+        from cabb_ray.tune.leaderboard import format_table
+
+        table = self.table() if table is None else table
+        print(f"\nleaderboard of search {self.name} (best {self.spec.metric} first):")
+        print(format_table(table, searched_keys(self.spec), top))
+        if not table.empty:
+            total = table["device_h"].fillna(0).sum()
+            saved = table["saved_device_h"].fillna(0).sum()
+            unit = "GPU" if self.resources.gpus else "CPU-core"
+            print(
+                f"cost: {total:.3f} {unit}-hours; early stopping saved about {saved:.3f} "
+                f"{unit}-hours against running every trial to the end"
+            )
+        best = self.folder / "best"
+        if (best / "checkpoint.pt").is_file():
+            print(f"best checkpoint: {best / 'checkpoint.pt'}")
+            print(f"its config:      {best / 'config.yaml'}")
+            print(
+                f"  python -m cabb_ray.train --config {best / 'config.yaml'}\n"
+                f"  python -m cabb_ray.predict --checkpoint {best / 'checkpoint.pt'} ..."
+            )

@@ -1,0 +1,111 @@
+"""The search's results as a table: read from the MLflow child runs (the record that survives
+resumes), ranked, with the Pareto front for two objectives, written as CSV, Parquet and a plot
+and printed for the console."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cabb_ray.tune.trial import TAG_OUTCOME, TAG_SAMPLED, TAG_SEARCH, TAG_TRIAL
+
+SHOWN_METRICS = ("pq", "pc", "pq_th", "pq_st", "miou", "map", "best_pq")
+
+
+def child_runs(uri: str, experiment_id: str, search: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_TRIAL}` != ''",
+            max_results=500,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def leaderboard(runs: list[Any], metric: str, mode: str) -> pd.DataFrame:
+    """One row per trial, best first by ``metric`` (trials without it last)."""
+    rows = []
+    for run in runs:
+        metrics, tags = run.data.metrics, run.data.tags
+        row: dict[str, Any] = {
+            "trial": tags.get(TAG_TRIAL),
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "outcome": tags.get(TAG_OUTCOME, "running"),
+        }
+        row.update(json.loads(tags.get(TAG_SAMPLED, "{}")))
+        for key in SHOWN_METRICS:
+            row[key] = metrics.get(key, math.nan)
+        row["epochs"] = int(metrics.get("epoch", 0))
+        row["wall_h"] = metrics.get("cost/wall_s", math.nan) / 3600
+        row["device_h"] = metrics.get("cost/device_hours", math.nan)
+        row["saved_device_h"] = metrics.get("cost/saved_device_hours", 0.0)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table.sort_values(metric, ascending=mode == "min", na_position="last")
+    return table.reset_index(drop=True)
+
+
+def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
+    """Rows not dominated in both objectives (ties kept)."""
+    signs = [1.0 if mode == "max" else -1.0 for mode in modes]
+    values = table[metrics].to_numpy(dtype=float) * signs
+    keep = []
+    for i, row in enumerate(values):
+        if any(math.isnan(v) for v in row):
+            continue
+        dominated = any(
+            all(other >= row) and any(other > row)
+            for j, other in enumerate(values)
+            if j != i and not any(math.isnan(v) for v in other)
+        )
+        if not dominated:
+            keep.append(i)
+    return table.iloc[keep].sort_values(metrics[0], ascending=modes[0] == "min")
+
+
+def pareto_plot(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = metrics
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(table[x], table[y], color="#999", label="trials")
+    ax.plot(front[x], front[y], "o-", color="#c33", label="Pareto front")
+    for _, row in front.iterrows():
+        ax.annotate(str(row["trial"])[-5:], (row[x], row[y]), fontsize=7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title("search trials: Pareto front")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_table(table: pd.DataFrame, searched: list[str], top: int = 10) -> str:
+    """Console text: the top trials with their searched values and metrics."""
+    if table.empty:
+        return "(no trials)"
+    columns = ["trial", "outcome", *[k for k in searched if k in table]]
+    columns += ["pq", "pc", "pq_th", "pq_st", "epochs", "wall_h"]
+    shown = table[columns].head(top).copy()
+    shown = shown.rename(columns={k: k.split(".")[-1] for k in searched})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")

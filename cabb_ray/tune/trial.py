@@ -1,0 +1,130 @@
+"""One search trial: a Tune function trainable that runs a Ray Train run for its config.
+
+The trial applies its sampled values to the typed base config (an invalid combination ends
+the trial at once, with the reason, before any worker starts), opens its MLflow child run
+(the same one again when Tune restarts or resumes the trial, found by the trial-id tag) and
+fits a ``TorchTrainer`` whose run name is the trial id, so that a restarted trial continues
+from Train's last checkpoint. ``TuneReportCallback`` forwards rank 0's reports to Tune.
+The driver's ``ChildRunCallback`` gives every child run its final status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cabb_ray.config import config_from_dict
+from cabb_ray.errors import CabbRayError
+from cabb_ray.launch import WorkerResources
+
+TAG_SEARCH = "cabb_ray.search"  # on the parent and every child: the search's name
+TAG_TRIAL = "cabb_ray.trial_id"
+TAG_OUTCOME = "cabb_ray.outcome"  # finished | early_stopped | failed | invalid | interrupted
+TAG_SAMPLED = "cabb_ray.sampled"  # JSON of the searched values
+TAG_BEST = "cabb_ray.best"
+INVALID_KEY = "invalid_config"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one search shares (plain values: it travels to trial actors)."""
+
+    search: str
+    base_config: dict[str, Any]
+    metric_names: tuple[str, ...]
+    uri: str
+    experiment: str
+    parent_run_id: str
+    root: str
+    train_storage: str
+    eval_epochs: tuple[int, ...]
+    resources: WorkerResources
+    fault: dict[str, Any] | None = None  # test hook, see cabb_ray.train._maybe_die
+
+
+def find_child_run(uri: str, experiment_id: str, search: str, trial_id: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _open_child_run(setup: TrialSetup, cfg, trial_id: str, name: str, sampled: dict) -> str:
+    from cabb_ray.tracking import RunLogger, experiment_id, start_run
+
+    found = find_child_run(
+        setup.uri, experiment_id(setup.uri, setup.experiment), setup.search, trial_id
+    )
+    if found is not None:  # Tune restarted or resumed this trial: no duplicate run
+        RunLogger(setup.uri, found).reopen()
+        return found
+    tags = {
+        "mlflow.parentRunId": setup.parent_run_id,
+        TAG_SEARCH: setup.search,
+        TAG_TRIAL: trial_id,
+        TAG_SAMPLED: json.dumps(sampled, sort_keys=True),
+        "cabb_ray.workers": str(setup.resources.workers),
+        "cabb_ray.cpus": f"{setup.resources.cpus:g}",
+        "cabb_ray.gpus": f"{setup.resources.gpus:g}",
+    }
+    return start_run(cfg, setup.uri, setup.experiment, run_name=name, tags=tags)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable (bound to ``setup`` with ``tune.with_parameters``)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cabb_ray.launch import build_trainer
+    from cabb_ray.tune.space import sampled_values, trial_config
+
+    context = ray.tune.get_context()
+    trial_id, name = context.get_trial_id(), context.get_trial_name()
+    sampled = sampled_values(config)
+    base = config_from_dict(setup.base_config)
+    try:
+        cfg = trial_config(base, config)
+    except CabbRayError as err:
+        _report_invalid(setup, trial_id, name, sampled, base, str(err))
+        return
+    run_id = _open_child_run(setup, cfg, trial_id, name, sampled)
+    trainer = build_trainer(
+        cfg,
+        setup.uri,
+        setup.root,
+        run_id,
+        trial_id,
+        setup.resources,
+        setup.train_storage,
+        eval_epochs=list(setup.eval_epochs),
+        callbacks=[TuneReportCallback()],
+        fault=setup.fault,
+    )
+    trainer.fit()
+
+
+def _report_invalid(setup: TrialSetup, trial_id, name, sampled, base, reason: str) -> None:
+    """End an invalid trial at once: its child run records the reason, and Tune gets one
+    report with every metric NaN (the searcher marks the Optuna trial failed)."""
+    import ray.tune
+
+    from cabb_ray.tracking import RunLogger
+
+    print(f"trial {name}: invalid config, not trained: {reason}", flush=True)
+    run_id = _open_child_run(setup, base, trial_id, name, sampled)
+    RunLogger(setup.uri, run_id).tags({"cabb_ray.invalid_reason": reason[:4000]})
+    ray.tune.report(
+        {
+            **{metric: math.nan for metric in setup.metric_names},
+            "epoch": 0,
+            "step": 0,
+            "best_pq": math.nan,
+            INVALID_KEY: reason,
+        }
+    )
