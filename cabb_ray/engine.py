@@ -171,7 +171,7 @@ def predict_image(
     """Full-image prediction at the training scale (shortest side s0), returned at the
     image's own resolution (ids nearest-upsampled, instance masks too)."""
     scale = cfg.data.shortest_side / min(image.shape[:2])
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+    tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255)
     with torch.no_grad():
         (detection,) = model([_rescaled(tensor, scale).to(device)])
     prediction = panoptic_fusion(detection, classes, cfg.eval)

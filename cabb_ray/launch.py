@@ -81,10 +81,14 @@ def quiet_ray(verbose: bool) -> None:
     """Keep the console to Ray's progress table and our own lines unless ``verbose``."""
     # Ray Train's print patch would echo every worker progress line twice on the driver.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # MLflow's artifact download progress bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if verbose:
         return
+    if not on_cluster():  # no preemption on a local machine; its watcher logs an error line
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    for name in ("ray.train", "ray.tune", "ray.data", "ray.util.state"):
+    for name in ("ray.train", "ray.tune", "ray.data", "ray.util.state", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
@@ -108,7 +112,9 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     ray.init(
         address=address,
         log_to_driver=True,
-        logging_level=logging.INFO if verbose else logging.WARNING,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        # Python log level in every Ray process (workers' "Reporting training result" lines)
+        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         resources=None if address else {TRIAL_SLOT: 1000},
     )
 
@@ -125,12 +131,19 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     resume: str | None = None,
     fault: dict[str, Any] | None = None,
+    verbose: bool = False,
 ):
     """The ``TorchTrainer`` of one training run. ``name`` must be unique to the run: Ray Train
     restores automatically when storage and name repeat (that is how a restarted search trial
     continues). ``fault`` is a test hook ({rank, step, marker}: that worker exits at that step,
     once)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from cabb_ray.train import train_loop
@@ -161,5 +174,6 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )

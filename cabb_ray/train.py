@@ -26,7 +26,11 @@ import torch
 from cabb_ray.config import ExperimentConfig, config_from_dict, load_config
 from cabb_ray.errors import CabbRayError, run_cli
 from cabb_ray.launch import on_cluster
+from cabb_ray.metrics.evaluator import METRIC_NAMES
 
+# Reported to Ray (and a search's Tune) in this order, which Tune's progress table follows;
+# size-bin APs and counts go to MLflow only.
+REPORT_FIRST = ("pq", "pc", "pq_th", "pq_st")
 # TrainState fields checkpointed
 STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics")
 
@@ -147,7 +151,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         # Every report carries the same keys: the last evaluated metrics (a search's scheduler
         # and searcher read them at any epoch), the best PQ so far and the counters.
         metrics: dict[str, Any] = {
-            **state.last_metrics,
+            **{k: state.last_metrics[k] for k in REPORT_FIRST if k in state.last_metrics},
+            **{k: v for k, v in state.last_metrics.items() if k in METRIC_NAMES},
             "best_pq": state.best_pq,
             "epoch": state.epoch,
             "step": state.step,
@@ -188,7 +193,7 @@ def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, 
     from cabb_ray.predict import category_colors, overlay
     from cabb_ray.tracking import per_class_table, size_bin_plot
 
-    logger.metrics({k: v for k, v in metrics.items() if k not in ("step", "evaluated")}, state.step)
+    logger.metrics({**state.last_metrics, "epoch": state.epoch}, state.step)
     logger.text(
         per_class_table(result.to_json()["per_class"]), f"eval/epoch_{state.epoch:03d}/per_class.md"
     )
@@ -249,7 +254,16 @@ def run_training(
         check_fits_locally(resources.cpus, resources.gpus, f"{resources.workers} workers")
     init_ray(verbose=verbose)
     trainer = build_trainer(
-        cfg, uri, root, run_id, name, resources, cfg.run.output_dir, resume=resume, fault=fault
+        cfg,
+        uri,
+        root,
+        run_id,
+        name,
+        resources,
+        cfg.run.output_dir,
+        resume=resume,
+        fault=fault,
+        verbose=verbose,
     )
     return trainer.fit()
 

@@ -28,7 +28,10 @@ def synthetic_cache_path(data: DataConfig) -> Path:
 def resolve_dataset_root(data: DataConfig, verbose: bool = True) -> Path:
     """Return the root of the configured dataset, generating the synthetic one if needed."""
     if data.root is not None:
-        root = Path(data.root).expanduser()
+        text = os.path.expandvars(data.root)  # e.g. $CABB_RAY_DATA_ROOT on a cluster
+        if "$" in text:
+            raise CabbRayError(f"data.root {data.root}: environment variable not set")
+        root = Path(text).expanduser()
         for split in (data.train_split, data.val_split):
             if not split_json_path(root, split).is_file():
                 raise CabbRayError(

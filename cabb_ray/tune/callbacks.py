@@ -26,7 +26,6 @@ class ChildRunCallback(Callback):
     # -- Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self.started.setdefault(trial.trial_id, time.time())
-        print(f"trial {trial.trial_id} started: {_short(trial.config)}", flush=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get("evaluated"):
@@ -88,14 +87,6 @@ def trial_cost(wall_s: float, resources, epochs: int, max_epochs: int) -> dict[s
         "cost/device_hours": hours,
         "cost/saved_device_hours": max(0.0, remaining),
     }
-
-
-def _short(config: dict[str, Any]) -> str:
-    parts = []
-    for key, value in config.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key.split('.')[-1]}={shown}")
-    return ", ".join(parts)
 
 
 class CabbOptunaSearch(OptunaSearch):

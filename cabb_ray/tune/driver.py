@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,6 @@ class Search:
     verbose: bool = False
     parent_run_id: str = ""
     experiment_id: str = ""
-    fault: dict[str, Any] | None = None  # test hook for one trial's Train workers
     extra_callbacks: list[Any] = field(default_factory=list)
 
     # ------------------------------------------------------------------ state
@@ -105,7 +105,9 @@ class Search:
             train_storage=f"{self.storage.rstrip('/')}/{self.name}/train",
             eval_epochs=tuple(rungs),
             resources=self.resources,
-            fault=self.fault,
+            verbose=self.verbose,
+            # test hook: {rank, step, marker}, one Train worker of one trial dies once
+            fault=json.loads(os.environ.get("CABB_RAY_TEST_FAULT", "null")),
         )
 
     def _searcher(self):
@@ -222,7 +224,7 @@ class Search:
     def table(self):
         from cabb_ray.tune.leaderboard import leaderboard
 
-        return leaderboard(self._children(), self.spec.metric, self.spec.mode)
+        return leaderboard(self._children(), self.spec.metrics, self.spec.modes)
 
     def finish(self, complete: bool, top: int) -> None:
         """Close runs, log the leaderboard, Pareto front and cost, tag and copy the best."""

@@ -34,8 +34,9 @@ def child_runs(uri: str, experiment_id: str, search: str) -> list[Any]:
             return runs
 
 
-def leaderboard(runs: list[Any], metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial, best first by ``metric`` (trials without it last)."""
+def leaderboard(runs: list[Any], metrics: list[str], modes: list[str]) -> pd.DataFrame:
+    """One row per trial, best first by the objectives in order, then best PQ (trials
+    without them last)."""
     rows = []
     for run in runs:
         metrics, tags = run.data.metrics, run.data.tags
@@ -56,7 +57,9 @@ def leaderboard(runs: list[Any], metric: str, mode: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table = table.sort_values(metric, ascending=mode == "min", na_position="last")
+    keys = [*metrics, *(["best_pq"] if "best_pq" not in metrics else [])]
+    ascending = [mode == "min" for mode in modes] + [False] * (len(keys) - len(modes))
+    table = table.sort_values(keys, ascending=ascending, na_position="last")
     return table.reset_index(drop=True)
 
 

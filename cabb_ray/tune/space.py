@@ -30,25 +30,9 @@ from cabb_ray.config import (
     validate,
 )
 from cabb_ray.errors import CabbRayError
+from cabb_ray.metrics.evaluator import METRIC_NAMES
 
-METRICS = [
-    "pq",
-    "sq",
-    "rq",
-    "pq_th",
-    "sq_th",
-    "rq_th",
-    "pq_st",
-    "sq_st",
-    "rq_st",
-    "pc",
-    "pc_th",
-    "pc_st",
-    "pq_dagger",
-    "miou",
-    "map",
-    "map50",
-]
+METRICS = list(METRIC_NAMES)
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid", "pair")
 TOP_KEYS = [

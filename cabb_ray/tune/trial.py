@@ -41,6 +41,7 @@ class TrialSetup:
     train_storage: str
     eval_epochs: tuple[int, ...]
     resources: WorkerResources
+    verbose: bool = False
     fault: dict[str, Any] | None = None  # test hook, see cabb_ray.train._maybe_die
 
 
@@ -105,6 +106,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         eval_epochs=list(setup.eval_epochs),
         callbacks=[TuneReportCallback()],
         fault=setup.fault,
+        verbose=setup.verbose,
     )
     trainer.fit()
 

@@ -1,0 +1,254 @@
+"""The search end to end with real Ray Tune, Ray Train, Optuna (sqlite) and MLflow (sqlite):
+complete search with an invalid trial and a killed worker, ASHA early stopping, and
+interrupt + resume of the command-line search."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from cabb_ray.config import load_config
+from cabb_ray.tune.cli import main as tune_main
+
+TINY_FIXED = {
+    "data.synthetic.num_train": 6,
+    "data.synthetic.num_val": 2,
+    "data.synthetic.height": 128,
+    "data.synthetic.width": 256,
+    "data.crop_size": [64, 96],
+    "data.shortest_side": 128,
+    "model.canonical_scale": 28,
+    "data.batch_size": 2,
+    "optim.epochs": 2,
+    "optim.steps_per_epoch": 3,
+    "optim.warmup_steps": 1,
+    "data.loader_workers": 0,
+    "run.log_every": 1,
+    "run.overlays": 1,
+    "eval.max_images": 2,
+}
+
+
+def tiny_space(tmp_path: Path, name: str, **top) -> Path:
+    data = {
+        "base": "cpu_quickstart",
+        "fixed": {**TINY_FIXED, "data.cache_dir": str(tmp_path / "cache")},
+        "metric": "pq",
+        "mode": "max",
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        **top,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def common_args(tmp_path: Path) -> list[str]:
+    return [
+        "--storage",
+        str(tmp_path / "runs"),
+        "--mlflow-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+
+
+def children(tmp_path: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    parents = [r for r in runs if r.data.tags.get("cabb_ray.kind") == "search"]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, kids
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    from cabb_ray.launch import TRIAL_SLOT, quiet_ray
+
+    quiet_ray(verbose=False)
+    ray.init(num_cpus=2, resources={TRIAL_SLOT: 100}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_search_end_to_end_with_invalid_trial_and_killed_worker(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "killed"
+    # Rank 0 of whichever trial first reaches step 4 dies once; Train restarts it from its
+    # epoch-1 checkpoint (run.max_failures=1) and the search goes on.
+    monkeypatch.setenv(
+        "CABB_RAY_TEST_FAULT", json.dumps({"rank": 0, "step": 4, "marker": str(marker)})
+    )
+    space = tiny_space(
+        tmp_path,
+        "e2e",
+        searcher={"type": "grid", "seed": 0},
+        scheduler="none",
+        space={"optim.warmup_steps": {"grid": [1, 2, 100]}},  # 100 > the 6 steps: invalid
+    )
+    assert tune_main(["--space", str(space), "--name", "s1", *common_args(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert marker.exists(), "no worker was killed"
+
+    client, parents, kids = children(tmp_path, "e2e")
+    assert len(parents) == 1 and len(kids) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
+    by_outcome = {}
+    for kid in kids:
+        by_outcome.setdefault(kid.data.tags["cabb_ray.outcome"], []).append(kid)
+    assert sorted(by_outcome) == ["finished", "invalid"] and len(by_outcome["finished"]) == 2
+    invalid = by_outcome["invalid"][0]
+    assert invalid.info.status == "FAILED"
+    assert "optim.warmup_steps" in invalid.data.tags["cabb_ray.invalid_reason"]
+    assert "pq" not in invalid.data.metrics  # no worker ever started
+    for kid in by_outcome["finished"]:
+        assert kid.info.status == "FINISHED"
+        assert {"pq", "pc", "pq_th", "miou", "map", "cost/device_hours"} <= set(kid.data.metrics)
+        assert kid.data.metrics["epoch"] == 2
+        assert kid.data.metrics["cost/device_hours"] > 0
+    # the killed trial replayed step 4 from its checkpoint: its loss history has step 4 twice
+    histories = [[m.step for m in client.get_metric_history(k.info.run_id, "loss")] for k in kids]
+    assert [1, 2, 3, 4, 4, 5, 6] in histories
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "leaderboard.parquet", "space"} <= artifacts
+    best = [k for k in kids if k.data.tags.get("cabb_ray.best") == "true"]
+    assert len(best) == 1 and parent.data.tags["cabb_ray.best_run_id"] == best[0].info.run_id
+    assert parent.data.metrics["search/trials"] == 3
+
+    assert "leaderboard of search s1" in out and "warmup_steps" in out
+    folder = tmp_path / "runs" / "s1"
+    cfg = load_config(folder / "best" / "config.yaml")  # cabb_ray.train's loader
+    assert cfg.optim.warmup_steps in (1, 2) and cfg.optim.epochs == 2
+    assert (folder / "best" / "checkpoint.pt").is_file()
+    assert f"best checkpoint: {folder / 'best' / 'checkpoint.pt'}" in out
+
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{folder / 'optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+@pytest.mark.integration
+def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A huge stuff_min_area drops every predicted segment: PC is exactly 0, below the first
+    # trial's, so ASHA stops that trial at its first rung (epoch 1). Grid seed 1 runs the
+    # normal trial first.
+    space = tiny_space(
+        tmp_path,
+        "asha",
+        metric="pc",
+        searcher={"type": "grid", "seed": 1},
+        scheduler={"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+        space={"eval.stuff_min_area": {"grid": [64, 100000000]}},
+    )
+    assert tune_main(["--space", str(space), "--name", "a1", *common_args(tmp_path)]) == 0
+    _, parents, kids = children(tmp_path, "asha")
+    outcomes = {
+        json.loads(k.data.tags["cabb_ray.sampled"])["eval.stuff_min_area"]: k for k in kids
+    }
+    stopped, normal = outcomes[100000000], outcomes[64]
+    assert normal.data.tags["cabb_ray.outcome"] == "finished" and normal.info.status == "FINISHED"
+    assert stopped.data.tags["cabb_ray.outcome"] == "early_stopped"
+    assert stopped.info.status == "KILLED"  # not left RUNNING
+    assert stopped.data.metrics["epoch"] == 1 and stopped.data.metrics["pc"] == 0.0
+    assert stopped.data.metrics["cost/saved_device_hours"] > 0
+    assert parents[0].data.metrics["search/saved_device_hours"] > 0
+
+
+def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"search exited early with {process.returncode}")
+        time.sleep(1.0)
+    raise AssertionError("timed out waiting for the search")
+
+
+@pytest.mark.integration
+def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path):
+    space = tiny_space(
+        tmp_path,
+        "resume",
+        num_samples=3,
+        searcher={"type": "random", "seed": 0},
+        scheduler="none",
+        space={"loss.weights.roi_box": {"loguniform": [0.5, 2.0]}},
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "cabb_ray.tune",
+        "--space",
+        str(space),
+        "--name",
+        "r1",
+        *common_args(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def one_finished() -> bool:
+        if not (tmp_path / "mlflow.db").exists():
+            return False
+        try:
+            _, _, kids = children(tmp_path, "resume")
+        except Exception:
+            return False
+        return any(k.data.tags.get("cabb_ray.outcome") == "finished" for k in kids)
+
+    try:
+        _wait_for(one_finished, 300, first)
+        first.send_signal(signal.SIGINT)  # Ctrl-C while the second trial runs
+        code = first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    log.close()
+    text = (tmp_path / "first.log").read_text()
+    assert code == 130, text[-3000:]
+    assert "--resume" in text
+    _, parents, kids = children(tmp_path, "resume")
+    assert parents[0].info.status == "KILLED"
+    assert all(k.info.status != "RUNNING" for k in kids)
+    assert len(kids) < 3
+
+    second = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    _, parents, kids = children(tmp_path, "resume")
+    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
+    assert parents[0].info.status == "FINISHED"
+    folder = tmp_path / "runs" / "r1"
+    study = optuna.load_study(study_name="r1", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    from ray.tune import ExperimentAnalysis
+
+    assert len(ExperimentAnalysis(str(folder)).trials) == 3
+
+    again = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0 and "already finished" in again.stdout

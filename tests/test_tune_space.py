@@ -1,0 +1,257 @@
+"""Search-space files: every validation error, define-by-run sampling, trial configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from cabb_ray.config import load_config
+from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.tune.cli import main as tune_main
+from cabb_ray.tune.leaderboard import pareto_front
+from cabb_ray.tune.space import SchedulerSpec, load_space, sampled_values, trial_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+VALID = {
+    "base": "cpu_quickstart",
+    "fixed": {"optim.epochs": 4},
+    "metric": ["pq", "pc"],
+    "mode": ["max", "max"],
+    "num_samples": 4,
+    "scheduler": {"type": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
+    "searcher": {"type": "tpe", "seed": 0},
+    "space": {
+        "loss.weights.roi_box": {"loguniform": [0.1, 10.0]},
+        "data.sampler": {"choice": ["isus", "cus"]},
+        "data.r_th": {
+            "pair": [{"loguniform": [0.1, 1.0]}, {"loguniform": [0.5, 8.0]}],
+            "when": {"data.sampler": "isus"},
+        },
+        "data.crop_size": {"choice": [[96, 96], [128, 128]]},
+        "optim.warmup_steps": {"int": [0, 40], "step": 10},
+    },
+}
+
+
+def write_space(tmp_path: Path, data: dict, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def with_changes(**changes) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(VALID, sort_keys=False))
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("/")
+        node = data
+        for key in parents:
+            node = node[key]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+    return data
+
+
+def test_valid_space_loads_with_defaults(tmp_path):
+    spec = load_space(write_space(tmp_path, VALID))
+    assert spec.metrics == ["pq", "pc"] and spec.multi_objective and spec.metric == "pq"
+    assert [p.key for p in spec.params][:2] == ["loss.weights.roi_box", "data.sampler"]
+    assert spec.scheduler == SchedulerSpec("asha", 4, 1, 2.0)
+    assert spec.max_concurrent_trials == 1 and spec.max_failures == 1
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "loss_balance.yaml"])
+def test_shipped_spaces_are_valid(name, monkeypatch):
+    monkeypatch.setenv("CABB_RAY_DATA_ROOT", "/data/cityscapes")
+    spec = load_space(REPO / "search_spaces" / name)
+    assert spec.num_samples > 0 and spec.params
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"schedular": {}}, "unknown key 'schedular' (closest valid: scheduler)"),
+        (
+            {"space/loss.weights.roi_bx": {"uniform": [0, 1]}},
+            "space.loss.weights.roi_bx: unknown config key (closest valid: loss.weights.roi_box)",
+        ),
+        (
+            {"space/loss.weights.roi_box": {"loguniform": [10.0, 1.0]}},
+            "space.loss.weights.roi_box.loguniform: expected low < high, got [10.0, 1.0]",
+        ),
+        (
+            {"space/loss.cabb_rpn": {"uniform": [0.0, 1.0]}},
+            "space.loss.cabb_rpn: loss.cabb_rpn: got 0.0, expected bool",
+        ),
+        (
+            {"space/data.sampler": {"choice": ["isus", "nearest"]}},
+            "space.data.sampler: data.sampler: got 'nearest', expected one of",
+        ),
+        (
+            {"space/data.r_th/when": {"data.samplr": "isus"}},
+            "condition on unknown parameter 'data.samplr' (closest valid: data.sampler)",
+        ),
+        (
+            {"space/optim.lr": {"grid": [0.01, 0.02]}},
+            "space.optim.lr: 'grid' values need searcher.type grid, not tpe",
+        ),
+        (
+            {"searcher": {"type": "grid"}},
+            "searcher.type grid needs every parameter as 'grid' values without conditions",
+        ),
+        ({"searcher": {"type": "cmaes"}}, "searcher.type: unknown 'cmaes'"),
+        ({"metric": ["pq", "pqq"]}, "metric: unknown metric 'pqq'"),
+        ({"mode": ["max"]}, "expected one or two distinct metrics with a mode each"),
+        ({"scheduler/max_t": 8}, "scheduler.max_t: 8 is more than the trials' optim.epochs 4"),
+        ({"scheduler/grace_period": 5}, "scheduler.grace_period: 5 is more than max_t 4"),
+        ({"scheduler/reduction_factor": 1}, "scheduler.reduction_factor: expected > 1, got 1"),
+        ({"num_samples": 0}, "num_samples: expected a positive integer, got 0"),
+        ({"num_samples": "many"}, "num_samples: expected a positive integer, got 'many'"),
+        ({"space": {}}, "space: expected at least one searched parameter"),
+        ({"space": ...}, "missing key 'space'"),
+        ({"base": "no_such_preset"}, "base: config"),
+        ({"fixed/optim.epocs": 3}, "fixed optim.epocs: unknown config key 'optim.epocs'"),
+        ({"resources": {"workers": 0}}, "resources.workers: expected a positive integer, got 0"),
+        ({"resources": {"cpus": 2}}, "resources: unknown key 'cpus'"),
+        (
+            {"space/data.r_th/pair": [{"loguniform": [4.0, 8.0]}, {"loguniform": [1.0, 2.0]}]},
+            "pair: the first value's low 4.0 must be below the second's high 2.0",
+        ),
+        ({"space/optim.lr": {"uniform": [0, 1], "step": -1}}, "step: expected a positive"),
+        ({"space/optim.lr": {"normal": [0, 1]}}, "unknown key 'normal'"),
+        (
+            {"space/optim.lr": {"uniform": [0, 1], "choice": [1]}},
+            "expected exactly one of uniform, loguniform, int, choice, grid, pair",
+        ),
+    ],
+)
+def test_invalid_space_is_one_line_naming_the_key(tmp_path, changes, message):
+    path = write_space(tmp_path, with_changes(**changes))
+    with pytest.raises(CabbRayError) as info:
+        load_space(path)
+    text = str(info.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+def test_condition_must_follow_its_parameter(tmp_path):
+    data = with_changes()
+    data["space"] = {
+        "data.r_th": VALID["space"]["data.r_th"],
+        "data.sampler": {"choice": ["isus", "cus"]},
+    }
+    with pytest.raises(CabbRayError, match="'data.sampler' is searched after 'data.r_th'"):
+        load_space(write_space(tmp_path, data))
+
+
+def test_grid_with_more_samples_than_points(tmp_path):
+    data = with_changes(
+        searcher={"type": "grid"}, num_samples=5, space={"optim.lr": {"grid": [0.01, 0.02]}}
+    )
+    with pytest.raises(CabbRayError, match="num_samples: 5 is more than the grid's 2 points"):
+        load_space(write_space(tmp_path, data))
+
+
+def test_cli_rejects_bad_space_before_ray(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_space(tmp_path, with_changes(**{"metric": ["pqq"], "mode": ["max"]}))
+    with pytest.raises(SystemExit) as info:
+        run_cli(tune_main, ["--space", str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "unknown metric 'pqq'" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_rejects_resources_that_never_fit(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = with_changes(resources={"workers": 3, "cpus_per_worker": 64})
+    path = write_space(tmp_path, data)
+    with pytest.raises(SystemExit) as info:
+        run_cli(tune_main, ["--space", str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "need 192 CPUs but this machine has" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_without_a_search(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_space(tmp_path, VALID)
+    with pytest.raises(SystemExit) as info:
+        run_cli(tune_main, ["--space", str(path), "--resume"])
+    assert info.value.code == 2 and "--resume: no search of 'space'" in capsys.readouterr().err
+
+
+def _sample(spec, seed: int) -> dict:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    trial = study.ask()
+    spec.define_by_run({"data.sampler": "isus"})(trial)
+    return trial.params
+
+
+def test_define_by_run_conditions_pairs_and_types(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_space(write_space(tmp_path, VALID))
+    base = load_config("cpu_quickstart", ["optim.epochs=4"])
+    seen_samplers = set()
+    for seed in range(40):
+        params = _sample(spec, seed)
+        seen_samplers.add(params["data.sampler"])
+        has_pair = "data.r_th[0]" in params
+        assert has_pair == (params["data.sampler"] == "isus")  # condition
+        cfg = trial_config(base, params)
+        if has_pair:
+            low, high = cfg.data.r_th
+            assert 0.1 <= low <= 1.0 and max(low, 0.5) <= high <= 8.0 and low <= high
+        else:
+            assert cfg.data.r_th == base.data.r_th
+        assert isinstance(cfg.data.crop_size, tuple) and cfg.data.crop_size in ((96, 96), (128, 128))
+        assert cfg.optim.warmup_steps % 10 == 0 and isinstance(cfg.optim.warmup_steps, int)
+        assert 0.1 <= cfg.loss.weights.roi_box <= 10.0
+    assert seen_samplers == {"isus", "cus"}
+
+
+def test_sampled_values_decodes_pairs_and_lists():
+    values = sampled_values({"data.r_th[0]": 0.5, "data.r_th[1]": 2.0, "data.crop_size": "[96, 96]"})
+    assert values == {"data.r_th": [0.5, 2.0], "data.crop_size": [96, 96]}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"loss.weights.semantic": -1.0}, "loss.weights.semantic: expected >= 0, got -1.0"),
+        ({"optim.warmup_steps": 500}, "optim.warmup_steps: expected 0 <= warm-up < the run's"),
+        ({"data.crop_size": "[512, 512]"}, "data.crop_size [512, 512]: larger than the image"),
+        ({"loss.rpn_beta": 0.0}, "loss.rpn_beta: expected > 0, got 0.0"),
+    ],
+)
+def test_invalid_trial_config_names_the_reason(values, message):
+    base = load_config("cpu_quickstart")
+    with pytest.raises(CabbRayError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        trial_config(base, values)
+
+
+def test_asha_rungs_are_evaluated_epochs():
+    assert SchedulerSpec("asha", 4, 1, 2.0).rungs() == [1, 2, 4]
+    assert SchedulerSpec("asha", 100, 5, 3.0).rungs() == [5, 15, 45]
+    assert SchedulerSpec("asha", 9, 2, 1.5).rungs() == [2, 3, 5, 7]
+
+
+def test_pareto_front_keeps_non_dominated_rows():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "trial": list("abcde"),
+            "pq": [0.5, 0.4, 0.3, 0.5, math.nan],
+            "pc": [0.2, 0.6, 0.5, 0.1, 0.9],
+        }
+    )
+    front = pareto_front(table, ["pq", "pc"], ["max", "max"])
+    assert list(front["trial"]) == ["a", "b"]
+    front_min = pareto_front(table, ["pq", "pc"], ["min", "max"])
+    assert set(front_min["trial"]) == {"b", "c"}
