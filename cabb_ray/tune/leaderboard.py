@@ -39,7 +39,7 @@ def leaderboard(runs: list[Any], metrics: list[str], modes: list[str]) -> pd.Dat
     without them last)."""
     rows = []
     for run in runs:
-        metrics, tags = run.data.metrics, run.data.tags
+        values, tags = run.data.metrics, run.data.tags
         row: dict[str, Any] = {
             "trial": tags.get(TAG_TRIAL),
             "run_id": run.info.run_id,
@@ -48,11 +48,11 @@ def leaderboard(runs: list[Any], metrics: list[str], modes: list[str]) -> pd.Dat
         }
         row.update(json.loads(tags.get(TAG_SAMPLED, "{}")))
         for key in SHOWN_METRICS:
-            row[key] = metrics.get(key, math.nan)
-        row["epochs"] = int(metrics.get("epoch", 0))
-        row["wall_h"] = metrics.get("cost/wall_s", math.nan) / 3600
-        row["device_h"] = metrics.get("cost/device_hours", math.nan)
-        row["saved_device_h"] = metrics.get("cost/saved_device_hours", 0.0)
+            row[key] = values.get(key, math.nan)
+        row["epochs"] = int(values.get("epoch", 0))
+        row["wall_h"] = values.get("cost/wall_s", math.nan) / 3600
+        row["device_h"] = values.get("cost/device_hours", math.nan)
+        row["saved_device_h"] = values.get("cost/saved_device_hours", 0.0)
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

@@ -18,6 +18,7 @@ from typing import Any
 from cabb_ray.config import config_from_dict
 from cabb_ray.errors import CabbRayError
 from cabb_ray.launch import WorkerResources
+from cabb_ray.train import REPORT_FIRST
 
 TAG_SEARCH = "cabb_ray.search"  # on the parent and every child: the search's name
 TAG_TRIAL = "cabb_ray.trial_id"
@@ -123,6 +124,7 @@ def _report_invalid(setup: TrialSetup, trial_id, name, sampled, base, reason: st
     RunLogger(setup.uri, run_id).tags({"cabb_ray.invalid_reason": reason[:4000]})
     ray.tune.report(
         {
+            **{metric: math.nan for metric in REPORT_FIRST},  # Tune's table shows these first
             **{metric: math.nan for metric in setup.metric_names},
             "epoch": 0,
             "step": 0,
