@@ -35,6 +35,11 @@ class Search:
     experiment_id: str = ""
     extra_callbacks: list[Any] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        from cabb_ray.tracking import experiment_id
+
+        self.experiment_id = experiment_id(self.uri, self.experiment)
+
     # ------------------------------------------------------------------ state
     def finished(self, state: dict[str, Any]) -> bool:
         from cabb_ray.tracking import RunLogger
@@ -43,9 +48,8 @@ class Search:
 
     def start(self, state: dict[str, Any]) -> None:
         """Create (or, on resume, reopen) the parent run and write the folder's state file."""
-        from cabb_ray.tracking import RunLogger, experiment_id, start_run
+        from cabb_ray.tracking import RunLogger, start_run
 
-        self.experiment_id = experiment_id(self.uri, self.experiment)
         if state:
             self.parent_run_id = state["parent_run_id"]
             RunLogger(self.uri, self.parent_run_id).reopen()
