@@ -26,11 +26,11 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Until the search exists (cabb_ray.tune), the quickstart trains the CPU network on the
-# embedded synthetic scenes with Ray Train (a few minutes on 2 cores) and records the run in
-# MLflow: look at it with `.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+# The quickstart runs the loss-balance search on the embedded synthetic scenes and the CPU
+# network (Ray Tune + Optuna + ASHA, each trial a Ray Train run) and records it in MLflow:
+# look at it with `.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 quickstart: $(STAMP)
-	$(PY) -m cabb_ray.train --config cpu_quickstart --experiment quickstart
+	$(PY) -m cabb_ray.tune --space search_spaces/quickstart.yaml
 
 clean:
 	rm -rf $(VENV)
