@@ -73,6 +73,7 @@ class TrainState:
     nonfinite_streak: int = 0
     best_pq: float = -1.0
     last_metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
+    train_seconds: float = 0.0  # wall time inside train_step, over restarts
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -132,6 +132,7 @@ def build_trainer(
     resume: str | None = None,
     fault: dict[str, Any] | None = None,
     verbose: bool = False,
+    started_at: float | None = None,
 ):
     """The ``TorchTrainer`` of one training run. ``name`` must be unique to the run: Ray Train
     restores automatically when storage and name repeat (that is how a restarted search trial
@@ -162,6 +163,8 @@ def build_trainer(
             "resume": resume,
             "fault": fault,
             "eval_epochs": sorted(set(eval_epochs or [])),
+            "verbose": verbose,
+            "started_at": started_at,  # a search trial's start (time.time()), for start-up time
         },
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
@@ -174,6 +177,6 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         ),
     )

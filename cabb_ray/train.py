@@ -14,6 +14,7 @@ failure Ray restarts the workers from the last checkpoint (``run.max_failures`` 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 import time
@@ -32,7 +33,7 @@ from cabb_ray.metrics.evaluator import METRIC_NAMES
 # size-bin APs and counts go to MLflow only.
 REPORT_FIRST = ("pq", "pc", "pq_th", "pq_st")
 # TrainState fields checkpointed
-STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics")
+STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics", "train_seconds")
 
 
 def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> None:
@@ -90,6 +91,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     from cabb_ray.tracking import RunLogger
 
     cfg = config_from_dict(loop["config"])
+    if not loop.get("verbose"):  # Train's per-report INFO lines in this worker
+        logging.getLogger("ray.train").setLevel(logging.ERROR)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -112,6 +115,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     logger = RunLogger(loop["mlflow_uri"], loop["run_id"]) if rank == 0 else None
     dataset = CropDataset(loop["root"], cfg, split=cfg.data.train_split, rank=rank)
     steps = cfg.optim.steps_per_epoch
+    started_at = loop.get("started_at")
     for epoch in range(state.epoch, cfg.optim.epochs):
         dataset.set_epoch(epoch)
         loader = DataLoader(
@@ -123,9 +127,14 @@ def train_loop(loop: dict[str, Any]) -> None:
         start = time.perf_counter()
         for i, (images, targets, _) in enumerate(loader):
             _maybe_die(loop.get("fault"), rank, state.step)
+            if rank == 0 and started_at is not None:  # from the search trial's start
+                logger.metrics({"time/startup_s": time.time() - started_at}, state.step)
+                started_at = None
+            step_start = time.perf_counter()
             images = [img.to(device) for img in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
+            state.train_seconds += time.perf_counter() - step_start
             if rank == 0 and values is not None and state.step % cfg.run.log_every == 0:
                 rate = (i + 1) / (time.perf_counter() - start)
                 print(
@@ -133,7 +142,14 @@ def train_loop(loop: dict[str, Any]) -> None:
                     f"loss {values['loss']:.3f} lr {values['lr']:.4g} ({rate:.2f} steps/s)",
                     flush=True,
                 )
-                logger.metrics({**values, "nonfinite_steps": state.nonfinite_total}, state.step)
+                logger.metrics(
+                    {
+                        **values,
+                        "nonfinite_steps": state.nonfinite_total,
+                        "time/train_s": state.train_seconds,
+                    },
+                    state.step,
+                )
         state.epoch = epoch + 1
         evaluating = _evaluates(state, cfg, loop.get("eval_epochs"))
         kept = []
@@ -193,7 +209,10 @@ def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, 
     from cabb_ray.predict import category_colors, overlay
     from cabb_ray.tracking import per_class_table, size_bin_plot
 
-    logger.metrics({**state.last_metrics, "epoch": state.epoch}, state.step)
+    logger.metrics(
+        {**state.last_metrics, "epoch": state.epoch, "time/train_s": state.train_seconds},
+        state.step,
+    )
     logger.text(
         per_class_table(result.to_json()["per_class"]), f"eval/epoch_{state.epoch:03d}/per_class.md"
     )

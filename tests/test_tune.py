@@ -162,9 +162,7 @@ def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypat
     )
     assert tune_main(["--space", str(space), "--name", "a1", *common_args(tmp_path)]) == 0
     _, parents, kids = children(tmp_path, "asha")
-    outcomes = {
-        json.loads(k.data.tags["cabb_ray.sampled"])["eval.stuff_min_area"]: k for k in kids
-    }
+    outcomes = {json.loads(k.data.tags["cabb_ray.sampled"])["eval.stuff_min_area"]: k for k in kids}
     stopped, normal = outcomes[100000000], outcomes[64]
     assert normal.data.tags["cabb_ray.outcome"] == "finished" and normal.info.status == "FINISHED"
     assert stopped.data.tags["cabb_ray.outcome"] == "early_stopped"

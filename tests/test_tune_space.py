@@ -145,7 +145,7 @@ def test_condition_must_follow_its_parameter(tmp_path):
         "data.r_th": VALID["space"]["data.r_th"],
         "data.sampler": {"choice": ["isus", "cus"]},
     }
-    with pytest.raises(CabbRayError, match="'data.sampler' is searched after 'data.r_th'"):
+    with pytest.raises(CabbRayError, match=r"'data.sampler' is searched after 'data.r_th'"):
         load_space(write_space(tmp_path, data))
 
 
@@ -209,14 +209,15 @@ def test_define_by_run_conditions_pairs_and_types(tmp_path):
             assert 0.1 <= low <= 1.0 and max(low, 0.5) <= high <= 8.0 and low <= high
         else:
             assert cfg.data.r_th == base.data.r_th
-        assert isinstance(cfg.data.crop_size, tuple) and cfg.data.crop_size in ((96, 96), (128, 128))
+        assert cfg.data.crop_size in ((96, 96), (128, 128))  # typed: a tuple of ints
         assert cfg.optim.warmup_steps % 10 == 0 and isinstance(cfg.optim.warmup_steps, int)
         assert 0.1 <= cfg.loss.weights.roi_box <= 10.0
     assert seen_samplers == {"isus", "cus"}
 
 
 def test_sampled_values_decodes_pairs_and_lists():
-    values = sampled_values({"data.r_th[0]": 0.5, "data.r_th[1]": 2.0, "data.crop_size": "[96, 96]"})
+    config = {"data.r_th[0]": 0.5, "data.r_th[1]": 2.0, "data.crop_size": "[96, 96]"}
+    values = sampled_values(config)
     assert values == {"data.r_th": [0.5, 2.0], "data.crop_size": [96, 96]}
 
 

@@ -110,5 +110,19 @@ def format_table(table: pd.DataFrame, searched: list[str], top: int = 10) -> str
     columns = ["trial", "outcome", *[k for k in searched if k in table]]
     columns += ["pq", "pc", "pq_th", "pq_st", "epochs", "wall_h"]
     shown = table[columns].head(top).copy()
-    shown = shown.rename(columns={k: k.split(".")[-1] for k in searched})
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    for key in searched:
+        if key in shown:
+            shown[key] = shown[key].map(_compact)
+    shown = shown.rename(columns={k: k.split(".")[-1] for k in searched} | {"wall_h": "hours"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+
+
+def _compact(value: Any) -> str:
+    """Short text for a searched value: 0.123, 128x128 for sizes, 0.25-4 for ranges."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2 and all(isinstance(v, int) for v in value):
+            return f"{value[0]}x{value[1]}"
+        return "-".join(_compact(v) for v in value)
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}"
+    return str(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from cabb_ray.launch import build_trainer
     from cabb_ray.tune.space import sampled_values, trial_config
 
+    started_at = time.time()
     context = ray.tune.get_context()
     trial_id, name = context.get_trial_id(), context.get_trial_name()
     sampled = sampled_values(config)
@@ -108,6 +110,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         callbacks=[TuneReportCallback()],
         fault=setup.fault,
         verbose=setup.verbose,
+        started_at=started_at,
     )
     trainer.fit()
 
