@@ -91,8 +91,11 @@ def train_loop(loop: dict[str, Any]) -> None:
     from cabb_ray.tracking import RunLogger
 
     cfg = config_from_dict(loop["config"])
-    if not loop.get("verbose"):  # Train's per-report INFO lines in this worker
+    if not loop.get("verbose"):
+        # Train's INFO lines in this worker; its per-report "Reporting training result" line
+        # comes from a logger named after its file, so under the root logger.
         logging.getLogger("ray.train").setLevel(logging.ERROR)
+        logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -92,7 +92,7 @@ def pareto_plot(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], pa
     ax.scatter(table[x], table[y], color="#999", label="trials")
     ax.plot(front[x], front[y], "o-", color="#c33", label="Pareto front")
     for _, row in front.iterrows():
-        ax.annotate(str(row["trial"])[-5:], (row[x], row[y]), fontsize=7)
+        ax.annotate(str(row["trial"]), (row[x], row[y]), fontsize=7)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title("search trials: Pareto front")
