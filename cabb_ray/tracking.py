@@ -149,8 +149,11 @@ class RunLogger:
         return self.client.get_run(self.run_id).info.status
 
     def reopen(self) -> None:
-        """Mark a run that continues (a resumed search trial) as running again."""
+        """Mark a run that continues (a resumed search trial) as running again, without the
+        outcome an interruption gave it."""
         self.client.update_run(self.run_id, status="RUNNING")
+        if "cabb_ray.outcome" in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, "cabb_ray.outcome")
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]

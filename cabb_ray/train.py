@@ -172,7 +172,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             **{k: state.last_metrics[k] for k in REPORT_FIRST if k in state.last_metrics},
             **{k: v for k, v in state.last_metrics.items() if k in METRIC_NAMES},
-            "best_pq": state.best_pq,
+            "best_pq": state.best_pq if state.best_pq >= 0 else float("nan"),
             "epoch": state.epoch,
             "step": state.step,
             "evaluated": int(evaluating),

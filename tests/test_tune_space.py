@@ -120,9 +120,23 @@ def test_shipped_spaces_are_valid(name, monkeypatch):
         ({"resources": {"workers": 0}}, "resources.workers: expected a positive integer, got 0"),
         ({"resources": {"cpus": 2}}, "resources: unknown key 'cpus'"),
         (
-            {"space/data.r_th/pair": [{"loguniform": [4.0, 8.0]}, {"loguniform": [1.0, 2.0]}]},
-            "pair: the first value's low 4.0 must be below the second's high 2.0",
+            {"space/data.r_th/pair": [{"loguniform": [0.1, 4.0]}, {"loguniform": [1.0, 2.0]}]},
+            "pair: the first value's high 4.0 must not exceed the second's high 2.0",
         ),
+        (
+            {"space/data.r_th/pair": [{"loguniform": [0.1, 1.0], "setp": 1}, {"uniform": [1, 2]}]},
+            "space.data.r_th.pair[0]: unknown key 'setp' (closest valid: step)",
+        ),
+        (
+            {"space/optim.steps_per_epoch": {"uniform": [5, 50]}},
+            "optim.steps_per_epoch: got 21.965, expected int",
+        ),
+        (
+            {"space/data.r_th/when": {"data.sampler": "isuss"}},
+            "space.data.r_th.when: data.sampler is never 'isuss'; its options: 'isus', 'cus'",
+        ),
+        ({"space/run.workers": {"int": [1, 4]}}, "space.run.workers: run.* keys are not searched"),
+        ({"metric": ["pq", 3], "mode": ["max", "max"]}, "metric: unknown metric '3'"),
         ({"space/optim.lr": {"uniform": [0, 1], "step": -1}}, "step: expected a positive"),
         ({"space/optim.lr": {"normal": [0, 1]}}, "unknown key 'normal'"),
         (
@@ -147,6 +161,23 @@ def test_condition_must_follow_its_parameter(tmp_path):
     }
     with pytest.raises(CabbRayError, match=r"'data.sampler' is searched after 'data.r_th'"):
         load_space(write_space(tmp_path, data))
+
+
+def test_set_overrides_are_part_of_validation(tmp_path):
+    path = write_space(tmp_path, with_changes(scheduler={"type": "asha"}))
+    assert load_space(path, ["optim.epochs=8"]).scheduler.max_t == 8  # default max_t follows
+    with pytest.raises(CabbRayError, match=r"max_t: 4 is more than the trials' optim.epochs 2"):
+        load_space(write_space(tmp_path, VALID, "v.yaml"), ["optim.epochs=2"])
+
+
+def test_resources_set_only_what_they_name(tmp_path):
+    data = with_changes(fixed={"optim.epochs": 4, "run.workers": 2})
+    cfg = load_space(write_space(tmp_path, data)).base_config()
+    assert cfg.run.workers == 2 and cfg.run.cpus_per_worker is None and not cfg.run.gpu
+    data["resources"] = {"workers": 3, "cpus_per_worker": 0.5, "gpus_per_worker": 0.25}
+    cfg = load_space(write_space(tmp_path, data)).base_config()
+    assert (cfg.run.workers, cfg.run.cpus_per_worker, cfg.run.gpu) == (3, 0.5, True)
+    assert cfg.run.gpus_per_worker == 0.25
 
 
 def test_grid_with_more_samples_than_points(tmp_path):
@@ -183,7 +214,26 @@ def test_resume_without_a_search(tmp_path, capsys, monkeypatch):
     path = write_space(tmp_path, VALID)
     with pytest.raises(SystemExit) as info:
         run_cli(tune_main, ["--space", str(path), "--resume"])
-    assert info.value.code == 2 and "--resume: no search of 'space'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--resume: no search of {path.resolve()}" in err
+
+
+def test_resume_of_another_space_and_bad_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_space(tmp_path, VALID)
+    folder = tmp_path / "runs" / "s1"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text('{"space": "/elsewhere/other.yaml", "num_samples": 4}')
+    for argv, message in [
+        (["--name", "s1", "--resume"], "that search ran /elsewhere/other.yaml, not"),
+        (["--name", "s1"], "already holds a search; --resume continues it"),
+        (["--name", "it's"], '--name "it\'s": expected letters, digits'),
+        (["--num-samples", "0"], "--num-samples: expected a positive integer, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            run_cli(tune_main, ["--space", str(path), *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err, err
 
 
 def _sample(spec, seed: int) -> dict:
@@ -238,8 +288,8 @@ def test_invalid_trial_config_names_the_reason(values, message):
 
 def test_asha_rungs_are_evaluated_epochs():
     assert SchedulerSpec("asha", 4, 1, 2.0).rungs() == [1, 2, 4]
-    assert SchedulerSpec("asha", 100, 5, 3.0).rungs() == [5, 15, 45]
-    assert SchedulerSpec("asha", 9, 2, 1.5).rungs() == [2, 3, 5, 7]
+    assert SchedulerSpec("asha", 100, 5, 3.0).rungs() == [5, 15, 45, 100]  # + where it stops
+    assert SchedulerSpec("asha", 9, 2, 1.5).rungs() == [2, 3, 5, 7, 9]
 
 
 def test_pareto_front_keeps_non_dominated_rows():

@@ -10,16 +10,15 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from cabb_ray.tune.trial import INVALID_KEY, TAG_OUTCOME, TrialSetup, find_child_run
+from cabb_ray.tune.trial import INVALID_KEY, TAG_OUTCOME, TrialSetup, open_child_run
 
 
 class ChildRunCallback(Callback):
     """Ends each trial's MLflow child run with the status that matches how the trial ended
     (no run is left RUNNING), records its cost, and prints one line per trial start/end."""
 
-    def __init__(self, setup: TrialSetup, max_epochs: int, experiment_id: str):
+    def __init__(self, setup: TrialSetup, experiment_id: str):
         self.trial_setup = setup
-        self.max_epochs = max_epochs
         self.experiment_id = experiment_id
         self.started: dict[str, float] = {}
 
@@ -40,7 +39,7 @@ class ChildRunCallback(Callback):
         epoch = int(result.get("epoch", 0) or 0)
         if INVALID_KEY in result:
             self._close(trial, "FAILED", "invalid", result)
-        elif epoch < self.max_epochs:
+        elif epoch < self._last_epoch(trial):
             self._close(trial, "KILLED", "early_stopped", result)
         else:
             self._close(trial, "FINISHED", "finished", result)
@@ -49,18 +48,26 @@ class ChildRunCallback(Callback):
         self._close(trial, "FAILED", "failed", trial.last_result or {})
 
     # -- helpers
+    def _last_epoch(self, trial) -> int:
+        """Where this trial ends when not stopped early (optim.epochs may be searched)."""
+        own = trial.config.get("optim.epochs")
+        last = self.trial_setup.last_epoch
+        return min(last, own) if isinstance(own, int) else last
+
     def _close(self, trial, status: str, outcome: str, result: dict[str, Any]) -> None:
         from cabb_ray.tracking import RunLogger
 
-        run_id = find_child_run(
-            self.trial_setup.uri, self.experiment_id, self.trial_setup.search, trial.trial_id
-        )
         wall = float(
             result.get("time_total_s")
             or time.time() - self.started.get(trial.trial_id, time.time())
         )
+        epoch = int(result.get("epoch", 0) or 0)
+        stopped_early = outcome == "early_stopped"
         cost = trial_cost(
-            wall, self.trial_setup.resources, int(result.get("epoch", 0) or 0), self.max_epochs
+            wall,
+            self.trial_setup.resources,
+            epoch,
+            self._last_epoch(trial) if stopped_early else epoch,
         )
         pq = result.get("pq", math.nan)
         print(
@@ -68,9 +75,11 @@ class ChildRunCallback(Callback):
             f"{result.get('epoch', 0)}: pq {pq:.4f}, {wall / 60:.1f} min",
             flush=True,
         )
-        if run_id is None:  # failed before its run existed
-            return
+        # a trial that failed before it opened its run still gets one, with the reason
+        run_id = open_child_run(self.trial_setup, trial.trial_id, str(trial), trial.config)
         logger = RunLogger(self.trial_setup.uri, run_id)
+        if trial.error_file and outcome == "failed":
+            logger.tags({"cabb_ray.error_file": trial.error_file})
         logger.metrics(cost, int(result.get("step", 0) or 0))
         logger.tags({TAG_OUTCOME: outcome})
         logger.finish(status)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cabb_ray.errors import CabbRayError
 from cabb_ray.tune.driver import STATE_FILE
@@ -49,49 +51,64 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _search_folder(storage: Path, stem: str, name: str | None, resume: bool) -> tuple[str, Path]:
-    """The search's name and local folder; a new search never reuses an old folder."""
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _search_folder(
+    storage: Path, space: Path, name: str | None, resume: bool
+) -> tuple[str, Path, dict[str, Any]]:
+    """The search's name, local folder and saved state; a new search never reuses a folder,
+    a resumed one must belong to the same space file."""
+    if name is not None and not NAME_PATTERN.match(name):
+        raise CabbRayError(f"--name {name!r}: expected letters, digits, '.', '_' or '-'")
     if name is None and resume:
         candidates = sorted(
-            (p for p in storage.glob(f"{stem}-*") if (p / STATE_FILE).is_file()),
+            (p for p in storage.glob(f"{space.stem}-*") if _state(p).get("space") == str(space)),
             key=lambda p: p.stat().st_mtime,
         )
         if not candidates:
-            raise CabbRayError(f"--resume: no search of {stem!r} in {storage} (give --name)")
+            raise CabbRayError(f"--resume: no search of {space} in {storage} (give --name)")
         name = candidates[-1].name
-    name = name or time.strftime(f"{stem}-%Y%m%d-%H%M%S")
+    name = name or time.strftime(f"{space.stem}-%Y%m%d-%H%M%S")
     folder = storage / name
-    if resume and not (folder / STATE_FILE).is_file():
+    if not resume:
+        if folder.exists():
+            raise CabbRayError(
+                f"--name {name}: {folder} already holds a search; --resume continues it, "
+                "another --name starts a new one"
+            )
+        return name, folder, {}
+    state = _state(folder)
+    if not state:
         raise CabbRayError(f"--resume --name {name}: no search in {folder}")
-    if not resume and folder.exists():
+    if state.get("space") != str(space):
         raise CabbRayError(
-            f"--name {name}: {folder} already holds a search; --resume continues it, another "
-            "--name starts a new one"
+            f"--resume --name {name}: that search ran {state.get('space')}, not {space}"
         )
-    return name, folder
+    return name, folder, state
+
+
+def _state(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from cabb_ray.tune.space import load_space
 
-    spec = load_space(args.space)
-    if args.num_samples is not None:
-        if args.num_samples <= 0:
-            raise CabbRayError(f"--num-samples: expected a positive number, got {args.num_samples}")
-        if spec.searcher == "grid" and args.num_samples > spec.grid_size():
-            raise CabbRayError(
-                f"--num-samples {args.num_samples}: more than the grid's {spec.grid_size()} points"
-            )
-        spec.num_samples = args.num_samples
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address
     overrides = list(args.set)
     if args.storage:
         overrides.append(f"run.output_dir={args.storage}")
+    spec = load_space(args.space, overrides)
+    if args.num_samples is not None:
+        spec.set_num_samples(args.num_samples, "--num-samples")
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
     cfg = spec.base_config(overrides)
-    stem = spec.path.stem
-    experiment = args.experiment or stem
+    experiment = args.experiment or spec.path.stem
 
     from cabb_ray.launch import check_fits_locally, on_cluster, worker_resources
     from cabb_ray.train import prepare
@@ -105,11 +122,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"x {resources.cpus_per_worker:g} CPUs + {spec.resources.driver_cpus:g} for the trial "
             "driver",
         )
+    # With s3:// storage, Tune and Train write there; the search's own files (state, Optuna
+    # study, leaderboard, best/) stay in ./runs/<name> on the machine that runs this command.
     storage_text = cfg.run.output_dir
     remote_storage = "://" in storage_text
     local_storage = Path("runs" if remote_storage else storage_text).expanduser().resolve()
-    name, folder = _search_folder(local_storage, stem, args.name, args.resume)
-    state = json.loads((folder / STATE_FILE).read_text()) if args.resume else {}
+    space_path = spec.path.resolve()
+    name, folder, state = _search_folder(local_storage, space_path, args.name, args.resume)
+    if state:
+        if args.num_samples is not None and args.num_samples != state["num_samples"]:
+            raise CabbRayError(
+                f"--num-samples {args.num_samples}: search {name} was started with "
+                f"{state['num_samples']} trials, which a resume keeps"
+            )
+        spec.num_samples = state["num_samples"]
     cfg, uri, root = prepare(cfg, args.mlflow_uri or state.get("mlflow_uri"), experiment)
 
     from cabb_ray.tune.driver import Search
@@ -126,13 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         resources=resources,
         verbose=args.verbose,
     )
-    if args.resume and search.finished(state):
+    if state and search.finished(state):
         print(f"search {name} already finished ({spec.num_samples} trials); nothing to resume")
         search.print_summary(args.top)
         return 0
     search.start(state)
-    complete = search.run(args.resume)
-    search.finish(complete, args.top)
+    complete = False
+    try:
+        complete = search.run(bool(state))
+    finally:  # whatever happened, no run is left RUNNING
+        search.finish(complete, args.top)
     if not complete:
         print(
             f"search {name} interrupted; continue it with: python -m cabb_ray.tune --space "

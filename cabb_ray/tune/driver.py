@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ class Search:
     verbose: bool = False
     parent_run_id: str = ""
     experiment_id: str = ""
-    extra_callbacks: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from cabb_ray.tracking import experiment_id
@@ -85,6 +84,7 @@ class Search:
                     "mlflow_uri": self.uri,
                     "experiment": self.experiment,
                     "space": str(self.spec.path.resolve()),
+                    "num_samples": self.spec.num_samples,
                 },
                 indent=2,
             )
@@ -108,6 +108,9 @@ class Search:
             root=str(self.root),
             train_storage=f"{self.storage.rstrip('/')}/{self.name}/train",
             eval_epochs=tuple(rungs),
+            last_epoch=min(self.spec.scheduler.max_t, self.cfg.optim.epochs)
+            if self.spec.scheduler
+            else self.cfg.optim.epochs,
             resources=self.resources,
             verbose=self.verbose,
             # test hook: {rank, step, marker}, one Train worker of one trial dies once
@@ -174,9 +177,9 @@ class Search:
 
         init_ray(verbose=self.verbose)
         self._check_cluster()
-        callback = ChildRunCallback(self._setup(), self.cfg.optim.epochs, self.experiment_id)
         path = f"{self.storage.rstrip('/')}/{self.name}"
         if resume and tune.Tuner.can_restore(path):
+            # the searcher, scheduler and callbacks come back from the experiment folder
             tuner = tune.Tuner.restore(
                 path, trainable=self._trainable(), resume_unfinished=True, resume_errored=False
             )
@@ -194,13 +197,21 @@ class Search:
                     name=self.name,
                     storage_path=self.storage,
                     failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
-                    callbacks=[callback, *self.extra_callbacks],
+                    callbacks=[ChildRunCallback(self._setup(), self.experiment_id)],
                     verbose=2 if self.verbose else 1,
                 ),
             )
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the state is saved to resume
             tuner.fit()
-        return self.ended_trials() >= self.spec.num_samples
+        return self._all_trials_ended(path)
+
+    def _all_trials_ended(self, path: str) -> bool:
+        """From Tune's own record: num_samples trials, each TERMINATED or ERROR."""
+        from ray.tune import ExperimentAnalysis
+
+        trials = ExperimentAnalysis(path).trials
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        return len(trials) >= self.spec.num_samples and len(ended) == len(trials)
 
     def _check_cluster(self) -> None:
         """Joining a cluster: drivers need the trial-slot resource somewhere."""
@@ -221,9 +232,6 @@ class Search:
         from cabb_ray.tune.leaderboard import child_runs
 
         return child_runs(self.uri, self.experiment_id, self.name)
-
-    def ended_trials(self) -> int:
-        return sum(1 for run in self._children() if TAG_OUTCOME in run.data.tags)
 
     def table(self):
         from cabb_ray.tune.leaderboard import leaderboard
@@ -310,7 +318,7 @@ class Search:
 
         table = self.table() if table is None else table
         print(f"\nleaderboard of search {self.name} (best {self.spec.metric} first):")
-        print(format_table(table, searched_keys(self.spec), top))
+        print(format_table(table, searched_keys(self.spec), self.spec.metrics, top))
         if not table.empty:
             total = table["device_h"].fillna(0).sum()
             saved = table["saved_device_h"].fillna(0).sum()

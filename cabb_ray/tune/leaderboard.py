@@ -11,9 +11,10 @@ from typing import Any
 
 import pandas as pd
 
-from cabb_ray.tune.trial import TAG_OUTCOME, TAG_SAMPLED, TAG_SEARCH, TAG_TRIAL
+from cabb_ray.metrics.evaluator import METRIC_NAMES
+from cabb_ray.tune.trial import TAG_OUTCOME, TAG_SAMPLED, TAG_TRIAL, children_filter
 
-SHOWN_METRICS = ("pq", "pc", "pq_th", "pq_st", "miou", "map", "best_pq")
+SHOWN_METRICS = (*METRIC_NAMES, "best_pq")
 
 
 def child_runs(uri: str, experiment_id: str, search: str) -> list[Any]:
@@ -24,7 +25,7 @@ def child_runs(uri: str, experiment_id: str, search: str) -> list[Any]:
     while True:
         page = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_TRIAL}` != ''",
+            filter_string=children_filter(search),
             max_results=500,
             page_token=token,
         )
@@ -103,12 +104,15 @@ def pareto_plot(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], pa
     return path
 
 
-def format_table(table: pd.DataFrame, searched: list[str], top: int = 10) -> str:
-    """Console text: the top trials with their searched values and metrics."""
+def format_table(
+    table: pd.DataFrame, searched: list[str], objectives: list[str], top: int = 10
+) -> str:
+    """Console text: the top trials with their searched values, objectives and PQ parts."""
     if table.empty:
         return "(no trials)"
     columns = ["trial", "outcome", *[k for k in searched if k in table]]
-    columns += ["pq", "pc", "pq_th", "pq_st", "epochs", "wall_h"]
+    columns += list(dict.fromkeys([*objectives, "pq", "pc", "pq_th", "pq_st"]))
+    columns += ["epochs", "wall_h"]
     shown = table[columns].head(top).copy()
     for key in searched:
         if key in shown:

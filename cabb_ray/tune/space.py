@@ -73,9 +73,8 @@ class Distribution:
             lo = max(lo, low)
         if self.kind == "int":
             return trial.suggest_int(name, math.ceil(lo), int(hi), step=int(self.step or 1))
-        return trial.suggest_float(
-            name, lo, hi, log=self.kind == "loguniform", step=None if low else self.step
-        )
+        step = self.step if lo == self.values[0] else None  # a raised low is off the grid
+        return trial.suggest_float(name, lo, hi, log=self.kind == "loguniform", step=step)
 
     def endpoints(self) -> list[Any]:
         return list(self.values)
@@ -109,20 +108,22 @@ class SchedulerSpec:
     reduction_factor: float = 2.0
 
     def rungs(self) -> list[int]:
-        """The epochs at which ASHA compares trials (those must be evaluated)."""
+        """The epochs at which ASHA compares trials, and max_t where it stops every trial:
+        those must be evaluated (the last report is the trial's result)."""
         if self.type != "asha":
             return []
         count = int(math.log(self.max_t / self.grace_period) / math.log(self.reduction_factor) + 1)
-        return sorted(
-            {math.ceil(self.grace_period * self.reduction_factor**k) for k in range(count)}
-        )
+        rungs = {math.ceil(self.grace_period * self.reduction_factor**k) for k in range(count)}
+        return sorted(rungs | {self.max_t})
 
 
 @dataclass(frozen=True)
 class ResourceSpec:
-    workers: int = 1
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 0.0
+    """Per-trial resources: the config values the file sets (run.workers, run.cpus_per_worker,
+    run.gpu, run.gpus_per_worker; what it leaves out keeps the base config's value) and the
+    trial driver's CPUs."""
+
+    config_values: tuple[tuple[str, Any], ...] = ()
     driver_cpus: float = 0.0
 
 
@@ -160,19 +161,17 @@ class SearchSpec:
 
     def base_config(self, overrides: list[str] = ()) -> ExperimentConfig:
         """Base config with the fixed values, the resources and ``--set`` overrides applied."""
-        values = dict(self.fixed)
-        values["run.workers"] = self.resources.workers
-        values["run.cpus_per_worker"] = self.resources.cpus_per_worker
-        if self.resources.gpus_per_worker:
-            values["run.gpu"] = True
-            values["run.gpus_per_worker"] = self.resources.gpus_per_worker
         try:
-            cfg = set_values(load_config(self.base), values)
+            cfg = set_values(load_config(self.base), self.fixed)
         except CabbRayError as err:
             raise CabbRayError(f"{self.path}: fixed {err}") from None
+        cfg = set_values(cfg, dict(self.resources.config_values))
         for text in overrides:  # --set wins over the file
             cfg = apply_override(cfg, text)
-        validate(cfg)
+        try:
+            validate(cfg)
+        except CabbRayError as err:
+            raise CabbRayError(f"{self.path}: base, fixed and --set give {err}") from None
         return cfg
 
     def define_by_run(self, fixed: Mapping[str, Any]) -> DefineByRun:
@@ -184,6 +183,14 @@ class SearchSpec:
 
     def grid_size(self) -> int:
         return math.prod(len(p.dists[0].values) for p in self.params)
+
+    def set_num_samples(self, value: Any, where: str) -> None:
+        _number(where, value, integer=True, positive=True)
+        if self.searcher == "grid" and value > self.grid_size():
+            raise CabbRayError(
+                f"{where}: {value} is more than the grid's {self.grid_size()} points"
+            )
+        self.num_samples = value
 
 
 @dataclass(frozen=True)
@@ -287,6 +294,9 @@ def _parse_distribution(where: str, spec: Any) -> tuple[Distribution, ...]:
     if kind == "pair":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise CabbRayError(f"{where}.pair: expected a list of two distributions")
+        for i, item in enumerate(value):
+            if isinstance(item, Mapping):
+                _check_keys(f"{where}.pair[{i}]", item, ("uniform", "loguniform", "int", "step"))
         first = _parse_distribution(f"{where}.pair[0]", value[0])
         second = _parse_distribution(f"{where}.pair[1]", value[1])
         if len(first) != 1 or len(second) != 1:
@@ -294,9 +304,9 @@ def _parse_distribution(where: str, spec: Any) -> tuple[Distribution, ...]:
         for i, dist in enumerate((*first, *second)):
             if dist.kind not in ("uniform", "loguniform", "int"):
                 raise CabbRayError(f"{where}.pair[{i}]: expected uniform, loguniform or int")
-        if first[0].values[0] >= second[0].values[1]:
+        if first[0].values[1] > second[0].values[1]:
             raise CabbRayError(
-                f"{where}.pair: the first value's low {first[0].values[0]} must be below the "
+                f"{where}.pair: the first value's high {first[0].values[1]} must not exceed the "
                 f"second's high {second[0].values[1]}"
             )
         return (*first, *second)
@@ -329,7 +339,11 @@ def _check_against_config(where: str, param: Parameter, base: ExperimentConfig) 
     if param.is_pair:
         samples = [[param.dists[0].values[0], param.dists[1].values[1]]]
     else:
-        samples = param.dists[0].endpoints()
+        dist = param.dists[0]
+        samples = dist.endpoints()
+        if dist.kind in ("uniform", "loguniform") and not dist.step:
+            low, high = dist.values
+            samples.append(low + 0.377 * (high - low))  # a float field's values are not whole
     for value in samples:
         try:
             set_values(base, {param.key: value})
@@ -337,8 +351,9 @@ def _check_against_config(where: str, param: Parameter, base: ExperimentConfig) 
             raise CabbRayError(f"{where}: {err}") from None
 
 
-def load_space(path: str | Path) -> SearchSpec:
-    """Read and validate a space file; one-line ``CabbRayError`` naming file and key."""
+def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
+    """Read and validate a space file (with the ``--set`` overrides that will apply to every
+    trial); one-line ``CabbRayError`` naming file and key."""
     path = Path(path)
     label = str(path)
     data = dict(_read_yaml(path, label))
@@ -360,8 +375,10 @@ def load_space(path: str | Path) -> SearchSpec:
     metrics = _as_list(f"{label}: metric", data.get("metric", "pq"))
     modes = _as_list(f"{label}: mode", data.get("mode", ["max"] * len(metrics)))
     for name in metrics:
-        if name not in METRICS:
-            raise CabbRayError(f"{label}: metric: unknown metric '{name}'{_closest(name, METRICS)}")
+        if not isinstance(name, str) or name not in METRICS:
+            raise CabbRayError(
+                f"{label}: metric: unknown metric '{name}'{_closest(str(name), METRICS)}"
+            )
     if len(metrics) > 2 or len(metrics) != len(modes) or len(set(metrics)) != len(metrics):
         raise CabbRayError(
             f"{label}: metric/mode: expected one or two distinct metrics with a mode each, got "
@@ -384,25 +401,7 @@ def load_space(path: str | Path) -> SearchSpec:
 
     resources_map = _mapping(f"{label}: resources", data.get("resources"))
     _check_keys(f"{label}: resources", resources_map, RESOURCE_KEYS)
-    resources = ResourceSpec(
-        workers=_number(f"{label}: resources.workers", resources_map.get("workers", 1), True, True),
-        cpus_per_worker=(
-            None
-            if resources_map.get("cpus_per_worker") in (None, "auto")
-            else _number(
-                f"{label}: resources.cpus_per_worker",
-                resources_map["cpus_per_worker"],
-                positive=True,
-            )
-        ),
-        gpus_per_worker=resources_map.get("gpus_per_worker", 0.0),
-        driver_cpus=resources_map.get("driver_cpus", 0.0),
-    )
-    for key in ("gpus_per_worker", "driver_cpus"):
-        value = getattr(resources, key)
-        _number(f"{label}: resources.{key}", value)
-        if value < 0:
-            raise CabbRayError(f"{label}: resources.{key}: expected >= 0, got {value}")
+    resources = _parse_resources(label, resources_map)
 
     failure = _mapping(f"{label}: failure", data.get("failure"))
     _check_keys(f"{label}: failure", failure, FAILURE_KEYS)
@@ -432,13 +431,15 @@ def load_space(path: str | Path) -> SearchSpec:
         max_failures=max_failures,
         text=path.read_text(),
     )
-    base_cfg = spec.base_config()
+    base_cfg = spec.base_config(list(overrides))
     valid_keys = sorted(flatten_config(base_cfg))
     seen: list[str] = []
     for key, raw in space.items():
         where = f"{label}: space.{key}"
         if key not in valid_keys:
             raise CabbRayError(f"{where}: unknown config key{_closest(str(key), valid_keys)}")
+        if key.startswith("run."):
+            raise CabbRayError(f"{where}: run.* keys are not searched (resources: sets them)")
         if isinstance(raw, Mapping):
             _check_keys(where, raw, PARAM_KEYS)
         dists = _parse_distribution(where, raw)
@@ -454,7 +455,7 @@ def load_space(path: str | Path) -> SearchSpec:
                 raise CabbRayError(
                     f"{where}.when: '{cond_key}' is searched after '{key}'; list it first"
                 )
-            options = allowed if isinstance(allowed, list) else [allowed]
+            options = _condition_values(where, cond_key, allowed, spec.params)
             when.append((cond_key, tuple(_encode(v) for v in options)))
         param = Parameter(key, dists, tuple(when))
         if any(d.kind == "grid" for d in dists) and kind != "grid":
@@ -468,16 +469,53 @@ def load_space(path: str | Path) -> SearchSpec:
         spec.params.append(param)
         seen.append(key)
     default_samples = spec.grid_size() if kind == "grid" else 16
-    spec.num_samples = _number(
-        f"{label}: num_samples", data.get("num_samples", default_samples), True, True
-    )
-    if kind == "grid" and spec.num_samples > spec.grid_size():
-        raise CabbRayError(
-            f"{label}: num_samples: {spec.num_samples} is more than the grid's "
-            f"{spec.grid_size()} points"
-        )
+    spec.set_num_samples(data.get("num_samples", default_samples), f"{label}: num_samples")
     spec.scheduler = _parse_scheduler(label, data.get("scheduler"), base_cfg)
     return spec
+
+
+def _condition_values(where: str, key: str, allowed: Any, params: list[Parameter]) -> list[Any]:
+    """The values a condition accepts; checked against the options of a searched choice."""
+    searched = next((p for p in params if p.key == key), None)
+    choices = (
+        list(searched.dists[0].values)
+        if searched and searched.dists[0].kind in ("choice", "grid")
+        else None
+    )
+    if choices is not None and allowed in choices:
+        return [allowed]
+    values = allowed if isinstance(allowed, list) else [allowed]
+    for value in values:
+        if choices is not None and value not in choices:
+            raise CabbRayError(
+                f"{where}.when: {key} is never {value!r}; its options: "
+                + ", ".join(map(repr, choices))
+            )
+    return values
+
+
+def _parse_resources(label: str, raw: Mapping[str, Any]) -> ResourceSpec:
+    values: dict[str, Any] = {}
+    if "workers" in raw:
+        values["run.workers"] = _number(f"{label}: resources.workers", raw["workers"], True, True)
+    if "cpus_per_worker" in raw:
+        cpus = raw["cpus_per_worker"]
+        values["run.cpus_per_worker"] = (
+            None
+            if cpus in (None, "auto")
+            else _number(f"{label}: resources.cpus_per_worker", cpus, positive=True)
+        )
+    if "gpus_per_worker" in raw:
+        gpus = _number(f"{label}: resources.gpus_per_worker", raw["gpus_per_worker"])
+        if gpus < 0:
+            raise CabbRayError(f"{label}: resources.gpus_per_worker: expected >= 0, got {gpus}")
+        values["run.gpu"] = gpus > 0
+        if gpus > 0:
+            values["run.gpus_per_worker"] = gpus
+    driver = _number(f"{label}: resources.driver_cpus", raw.get("driver_cpus", 0.0))
+    if driver < 0:
+        raise CabbRayError(f"{label}: resources.driver_cpus: expected >= 0, got {driver}")
+    return ResourceSpec(tuple(values.items()), driver)
 
 
 def _parse_scheduler(label: str, raw: Any, cfg: ExperimentConfig) -> SchedulerSpec | None:

@@ -42,36 +42,50 @@ class TrialSetup:
     root: str
     train_storage: str
     eval_epochs: tuple[int, ...]
+    last_epoch: int  # where every trial ends: optim.epochs, or ASHA's max_t
     resources: WorkerResources
     verbose: bool = False
     fault: dict[str, Any] | None = None  # test hook, see cabb_ray.train._maybe_die
+
+
+def children_filter(search: str, trial_id: str | None = None) -> str:
+    """MLflow filter for a search's child runs (names are checked to hold no quotes)."""
+    trial = f"= '{trial_id}'" if trial_id else "!= ''"
+    return f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_TRIAL}` {trial}"
 
 
 def find_child_run(uri: str, experiment_id: str, search: str, trial_id: str) -> str | None:
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient(uri).search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
-        max_results=1,
+        [experiment_id], filter_string=children_filter(search, trial_id), max_results=1
     )
     return runs[0].info.run_id if runs else None
 
 
-def _open_child_run(setup: TrialSetup, cfg, trial_id: str, name: str, sampled: dict) -> str:
+def open_child_run(setup: TrialSetup, trial_id: str, name: str, config: dict[str, Any]) -> str:
+    """The trial's MLflow child run: the existing one when Tune restarts or resumes the trial
+    (no duplicates), otherwise a new one with the trial's config (the base config when the
+    sampled values are invalid)."""
     from cabb_ray.tracking import RunLogger, experiment_id, start_run
+    from cabb_ray.tune.space import sampled_values, trial_config
 
     found = find_child_run(
         setup.uri, experiment_id(setup.uri, setup.experiment), setup.search, trial_id
     )
-    if found is not None:  # Tune restarted or resumed this trial: no duplicate run
+    if found is not None:
         RunLogger(setup.uri, found).reopen()
         return found
+    base = config_from_dict(setup.base_config)
+    try:
+        cfg = trial_config(base, config)
+    except CabbRayError:
+        cfg = base
     tags = {
         "mlflow.parentRunId": setup.parent_run_id,
         TAG_SEARCH: setup.search,
         TAG_TRIAL: trial_id,
-        TAG_SAMPLED: json.dumps(sampled, sort_keys=True),
+        TAG_SAMPLED: json.dumps(sampled_values(config), sort_keys=True),
         "cabb_ray.workers": str(setup.resources.workers),
         "cabb_ray.cpus": f"{setup.resources.cpus:g}",
         "cabb_ray.gpus": f"{setup.resources.gpus:g}",
@@ -85,19 +99,17 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cabb_ray.launch import build_trainer
-    from cabb_ray.tune.space import sampled_values, trial_config
+    from cabb_ray.tune.space import trial_config
 
     started_at = time.time()
     context = ray.tune.get_context()
     trial_id, name = context.get_trial_id(), context.get_trial_name()
-    sampled = sampled_values(config)
-    base = config_from_dict(setup.base_config)
     try:
-        cfg = trial_config(base, config)
+        cfg = trial_config(config_from_dict(setup.base_config), config)
     except CabbRayError as err:
-        _report_invalid(setup, trial_id, name, sampled, base, str(err))
+        _report_invalid(setup, trial_id, name, config, str(err))
         return
-    run_id = _open_child_run(setup, cfg, trial_id, name, sampled)
+    run_id = open_child_run(setup, trial_id, name, config)
     trainer = build_trainer(
         cfg,
         setup.uri,
@@ -115,7 +127,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trainer.fit()
 
 
-def _report_invalid(setup: TrialSetup, trial_id, name, sampled, base, reason: str) -> None:
+def _report_invalid(setup: TrialSetup, trial_id, name, config, reason: str) -> None:
     """End an invalid trial at once: its child run records the reason, and Tune gets one
     report with every metric NaN (the searcher marks the Optuna trial failed)."""
     import ray.tune
@@ -123,7 +135,7 @@ def _report_invalid(setup: TrialSetup, trial_id, name, sampled, base, reason: st
     from cabb_ray.tracking import RunLogger
 
     print(f"trial {name}: invalid config, not trained: {reason}", flush=True)
-    run_id = _open_child_run(setup, base, trial_id, name, sampled)
+    run_id = open_child_run(setup, trial_id, name, config)
     RunLogger(setup.uri, run_id).tags({"cabb_ray.invalid_reason": reason[:4000]})
     ray.tune.report(
         {
