@@ -114,7 +114,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         log_to_driver=True,
         logging_level=logging.INFO if verbose else logging.ERROR,
         # Python log level in every Ray process (workers' "Reporting training result" lines)
-        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         resources=None if address else {TRIAL_SLOT: 1000},
     )
 
