@@ -17,9 +17,8 @@ class ChildRunCallback(Callback):
     """Ends each trial's MLflow child run with the status that matches how the trial ended
     (no run is left RUNNING), records its cost, and prints one line per trial start/end."""
 
-    def __init__(self, setup: TrialSetup, experiment_id: str):
+    def __init__(self, setup: TrialSetup):
         self.trial_setup = setup
-        self.experiment_id = experiment_id
         self.started: dict[str, float] = {}
 
     # -- Tune hooks

@@ -63,13 +63,14 @@ def _search_folder(
         raise CabbRayError(f"--name {name!r}: expected letters, digits, '.', '_' or '-'")
     if name is None and resume:
         candidates = sorted(
-            (p for p in storage.glob(f"{space.stem}-*") if _state(p).get("space") == str(space)),
+            (p for p in storage.glob("*") if _state(p).get("space") == str(space)),
             key=lambda p: p.stat().st_mtime,
         )
         if not candidates:
             raise CabbRayError(f"--resume: no search of {space} in {storage} (give --name)")
         name = candidates[-1].name
-    name = name or time.strftime(f"{space.stem}-%Y%m%d-%H%M%S")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", space.stem)  # names go into MLflow filters
+    name = name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = storage / name
     if not resume:
         if folder.exists():
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec.set_num_samples(args.num_samples, "--num-samples")
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    cfg = spec.base_config(overrides)
+    cfg = spec.config  # load_space built it with the same overrides
     experiment = args.experiment or spec.path.stem
 
     from cabb_ray.launch import check_fits_locally, on_cluster, worker_resources
@@ -130,12 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     space_path = spec.path.resolve()
     name, folder, state = _search_folder(local_storage, space_path, args.name, args.resume)
     if state:
-        if args.num_samples is not None and args.num_samples != state["num_samples"]:
+        started_with = state.get("num_samples", spec.num_samples)
+        if args.num_samples is not None and args.num_samples != started_with:
             raise CabbRayError(
                 f"--num-samples {args.num_samples}: search {name} was started with "
-                f"{state['num_samples']} trials, which a resume keeps"
+                f"{started_with} trials, which a resume keeps"
             )
-        spec.num_samples = state["num_samples"]
+        spec.num_samples = started_with
     cfg, uri, root = prepare(cfg, args.mlflow_uri or state.get("mlflow_uri"), experiment)
 
     from cabb_ray.tune.driver import Search

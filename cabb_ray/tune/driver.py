@@ -197,7 +197,7 @@ class Search:
                     name=self.name,
                     storage_path=self.storage,
                     failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
-                    callbacks=[ChildRunCallback(self._setup(), self.experiment_id)],
+                    callbacks=[ChildRunCallback(self._setup())],
                     verbose=2 if self.verbose else 1,
                 ),
             )
@@ -209,7 +209,10 @@ class Search:
         """From Tune's own record: num_samples trials, each TERMINATED or ERROR."""
         from ray.tune import ExperimentAnalysis
 
-        trials = ExperimentAnalysis(path).trials
+        try:
+            trials = ExperimentAnalysis(path).trials
+        except ValueError:  # interrupted before Tune saved any state
+            return False
         ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
         return len(trials) >= self.spec.num_samples and len(ended) == len(trials)
 

@@ -145,6 +145,7 @@ class SearchSpec:
     max_failures: int
     params: list[Parameter] = field(default_factory=list)
     text: str = ""
+    config: ExperimentConfig | None = None  # base + fixed + resources + --set, validated
 
     @property
     def metric(self) -> str:
@@ -431,7 +432,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         max_failures=max_failures,
         text=path.read_text(),
     )
-    base_cfg = spec.base_config(list(overrides))
+    base_cfg = spec.config = spec.base_config(list(overrides))
     valid_keys = sorted(flatten_config(base_cfg))
     seen: list[str] = []
     for key, raw in space.items():
