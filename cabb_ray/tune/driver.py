@@ -263,12 +263,11 @@ class Search:
         self.print_summary(top, table)
 
     def _log_table(self, parent, table) -> None:
-        from cabb_ray.tune.leaderboard import pareto_front, pareto_plot
+        from cabb_ray.tune.leaderboard import cost_totals, pareto_front, pareto_plot
 
         if table.empty:
             return
-        total = float(table["device_h"].fillna(0).sum())
-        saved = float(table["saved_device_h"].fillna(0).sum())
+        total, saved = cost_totals(table)
         parent.metrics(
             {
                 "search/trials": len(table),
@@ -317,14 +316,13 @@ class Search:
                 print(f"warning: could not copy {artifact} of the best trial: {err}")
 
     def print_summary(self, top: int, table=None) -> None:
-        from cabb_ray.tune.leaderboard import format_table
+        from cabb_ray.tune.leaderboard import cost_totals, format_table
 
         table = self.table() if table is None else table
         print(f"\nleaderboard of search {self.name} (best {self.spec.metric} first):")
         print(format_table(table, searched_keys(self.spec), self.spec.metrics, top))
         if not table.empty:
-            total = table["device_h"].fillna(0).sum()
-            saved = table["saved_device_h"].fillna(0).sum()
+            total, saved = cost_totals(table)
             unit = "GPU" if self.resources.gpus else "CPU-core"
             print(
                 f"cost: {total:.3f} {unit}-hours; early stopping saved about {saved:.3f} "

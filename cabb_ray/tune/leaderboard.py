@@ -64,6 +64,13 @@ def leaderboard(runs: list[Any], metrics: list[str], modes: list[str]) -> pd.Dat
     return table.reset_index(drop=True)
 
 
+def cost_totals(table: pd.DataFrame) -> tuple[float, float]:
+    """The search's device-hours, and those early stopping saved."""
+    if table.empty:
+        return 0.0, 0.0
+    return float(table["device_h"].fillna(0).sum()), float(table["saved_device_h"].fillna(0).sum())
+
+
 def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
     """Rows not dominated in both objectives (ties kept)."""
     signs = [1.0 if mode == "max" else -1.0 for mode in modes]

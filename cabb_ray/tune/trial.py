@@ -63,7 +63,9 @@ def find_child_run(uri: str, experiment_id: str, search: str, trial_id: str) -> 
     return runs[0].info.run_id if runs else None
 
 
-def open_child_run(setup: TrialSetup, trial_id: str, name: str, config: dict[str, Any]) -> str:
+def open_child_run(
+    setup: TrialSetup, trial_id: str, name: str, config: dict[str, Any], cfg=None
+) -> str:
     """The trial's MLflow child run: the existing one when Tune restarts or resumes the trial
     (no duplicates), otherwise a new one with the trial's config (the base config when the
     sampled values are invalid)."""
@@ -76,11 +78,12 @@ def open_child_run(setup: TrialSetup, trial_id: str, name: str, config: dict[str
     if found is not None:
         RunLogger(setup.uri, found).reopen()
         return found
-    base = config_from_dict(setup.base_config)
-    try:
-        cfg = trial_config(base, config)
-    except CabbRayError:
-        cfg = base
+    if cfg is None:  # the driver's callback, for a trial that never opened its run
+        base = config_from_dict(setup.base_config)
+        try:
+            cfg = trial_config(base, config)
+        except CabbRayError:
+            cfg = base
     tags = {
         "mlflow.parentRunId": setup.parent_run_id,
         TAG_SEARCH: setup.search,
@@ -109,7 +112,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except CabbRayError as err:
         _report_invalid(setup, trial_id, name, config, str(err))
         return
-    run_id = open_child_run(setup, trial_id, name, config)
+    run_id = open_child_run(setup, trial_id, name, config, cfg)
     trainer = build_trainer(
         cfg,
         setup.uri,
