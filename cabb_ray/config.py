@@ -25,6 +25,7 @@ import yaml
 from cabb_ray.errors import CabbRayError
 
 SamplerName = Literal["random", "cus", "isus", "full"]
+IsusOrder = Literal["level_first", "instance_first"]
 BalancingName = Literal["fixed", "uncertainty", "normalized"]
 LOSS_TERMS = ("rpn_objectness", "rpn_box", "roi_cls", "roi_box", "roi_mask", "semantic")
 
@@ -50,6 +51,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     sampler: SamplerName = "isus"
+    # level_first: a level, then an instance that can reach it (our default, see samplers.py);
+    # instance_first: the paper's literal order (instance, level, sigma clamped to r_th).
+    isus_order: IsusOrder = "level_first"
     crop_size: tuple[int, int] = (128, 128)
     shortest_side: int = 256
     r_st: tuple[float, float] = (0.75, 1.5)
@@ -109,7 +113,6 @@ class OptimConfig:
     epochs: int = 4
     steps_per_epoch: int = 50
     warmup_steps: int = 20
-    warmup_factor: float = 0.1
     grad_clip_norm: float | None = 10.0
     amp: bool = True
     max_nonfinite_steps: int = 10
@@ -117,12 +120,16 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation cadence and the panoptic-fusion thresholds used at inference."""
+    """Evaluation cadence and the inference thresholds: the detector keeps boxes scoring at
+    least ``detection_score_threshold`` (mask AP ranks all of them), panoptic fusion places
+    instances scoring at least ``score_threshold``."""
 
     every: int = 1
     max_images: int | None = None
     score_threshold: float = 0.5
     overlap_threshold: float = 0.5
+    detection_score_threshold: float = 0.05
+    detection_nms_threshold: float = 0.5
     stuff_min_area: int = 64
 
 
@@ -501,7 +508,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise CabbRayError(
             f"loss.normalized_momentum: expected 0 <= m < 1, got {cfg.loss.normalized_momentum}"
         )
-    for key in ("score_threshold", "overlap_threshold"):
+    thresholds = ("score_threshold", "overlap_threshold", "detection_score_threshold")
+    for key in (*thresholds, "detection_nms_threshold"):
         if not 0 <= getattr(cfg.eval, key) <= 1:
             raise CabbRayError(f"eval.{key}: expected 0..1, got {getattr(cfg.eval, key)}")
 

@@ -8,6 +8,7 @@ when it is initialised.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,14 +44,15 @@ class TrainModule(nn.Module):
 
 
 def lr_lambda(cfg: ExperimentConfig):
-    """Linear warm-up from ``warmup_factor`` to 1, then linear decay to 0 (paper App. D)."""
+    """The paper's schedule (App. D): linear warm-up from 0 to lr0 over the first
+    ``warmup_steps``, then lr_i = lr0 (1 - i / total_steps)."""
     total = cfg.optim.epochs * cfg.optim.steps_per_epoch
-    warmup, factor = cfg.optim.warmup_steps, cfg.optim.warmup_factor
+    warmup = cfg.optim.warmup_steps
 
     def scale(step: int) -> float:
         if step < warmup:
-            return factor + (1.0 - factor) * step / max(warmup, 1)
-        return max(0.0, 1.0 - (step - warmup) / max(total - warmup, 1))
+            return step / warmup
+        return max(0.0, 1.0 - step / total)
 
     return scale
 
@@ -84,6 +86,26 @@ def _all_ranks_finite(total: Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
+def _skip(
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    cfg: ExperimentConfig,
+    info: dict,
+    what: str,
+) -> None:
+    """Count a skipped step; too many in a row stop the run with the last loss terms."""
+    optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_total += 1
+    state.nonfinite_streak += 1
+    if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
+        raw = ", ".join(f"{k[4:]}={v:.3g}" for k, v in info.items() if k.startswith("raw/"))
+        raise CabbRayError(
+            f"{state.nonfinite_streak} non-finite {what} in a row at step {state.step} "
+            f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); last terms: "
+            f"{raw}; lower optim.lr or enable optim.grad_clip_norm"
+        )
+
+
 def train_step(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -95,36 +117,32 @@ def train_step(
     cfg: ExperimentConfig,
 ) -> dict[str, float] | None:
     """One optimisation step; returns the logged values, or None when the step was skipped
-    because some rank's loss was not finite (all ranks skip together, so DDP stays in step)."""
+    because some rank's loss was not finite (all ranks skip together, so DDP stays in step) or
+    the gradient norm was not finite (DDP's averaged gradients make it equal on every rank;
+    with AMP the GradScaler skips such steps itself)."""
     device = images[0].device
     with torch.autocast(device.type, enabled=scaler is not None):
         total, info = module(images, targets)
     if not _all_ranks_finite(total.detach()):
-        optimizer.zero_grad(set_to_none=True)
-        state.nonfinite_total += 1
-        state.nonfinite_streak += 1
-        if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
-            raw = ", ".join(f"{k[4:]}={v:.3g}" for k, v in info.items() if k.startswith("raw/"))
-            raise CabbRayError(
-                f"{state.nonfinite_streak} non-finite losses in a row at step {state.step} "
-                f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); last terms: "
-                f"{raw}; lower optim.lr or enable optim.grad_clip_norm"
-            )
+        _skip(optimizer, state, cfg, info, "losses")
         return None
-    state.nonfinite_streak = 0
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)
     else:
         total.backward()
-    if cfg.optim.grad_clip_norm is not None:
-        nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip_norm)
+    limit = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm is not None else math.inf
+    norm = nn.utils.clip_grad_norm_(module.parameters(), limit)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
+    elif not bool(torch.isfinite(norm)):
+        _skip(optimizer, state, cfg, info, "gradient norms")
+        return None
     else:
         optimizer.step()
+    state.nonfinite_streak = 0
     scheduler.step()
     state.step += 1
     return {"loss": float(total.detach()), "lr": optimizer.param_groups[0]["lr"], **info}

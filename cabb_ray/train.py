@@ -36,26 +36,29 @@ REPORT_FIRST = ("pq", "pc", "pq_th", "pq_st")
 STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics", "train_seconds")
 
 
-def _restore(module, optimizer, scheduler, state, payload: dict[str, Any]) -> None:
+def _restore(module, optimizer, scheduler, scaler, state, payload: dict[str, Any]) -> None:
     from cabb_ray.engine import set_rng_state
 
     module.model.load_state_dict(payload["model"])
     module.balancer.load_state_dict(payload["balancer"])
-    optimizer.load_state_dict(payload["optimizer"])
+    optimizer.load_state_dict(payload["optimizer"])  # casts its state to the params' device
     scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
     for key in STATE_KEYS:
         if key in payload["state"]:  # checkpoints written before a key existed lack it
             setattr(state, key, payload["state"][key])
     set_rng_state(payload["rng"])
 
 
-def _checkpoint_payload(module, optimizer, scheduler, state) -> dict[str, Any]:
+def _checkpoint_payload(module, optimizer, scheduler, scaler, state) -> dict[str, Any]:
     from cabb_ray.engine import rng_state
 
     return {
         "balancer": module.balancer.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "state": {key: getattr(state, key) for key in STATE_KEYS},
         "rng": rng_state(),
     }
@@ -101,20 +104,21 @@ def train_loop(loop: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     val = load_split(loop["root"], cfg.data.val_split)
     torch.manual_seed(cfg.run.seed)
-    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss))
+    # On the device before the optimizer exists and before a checkpoint is restored, so that
+    # restored momentum buffers land next to their parameters.
+    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss)).to(device)
     optimizer, scheduler = make_optimizer(module, cfg)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.optim.amp else None
     state = TrainState()
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
-            _restore(
-                module, optimizer, scheduler, state, load_checkpoint(Path(folder) / "checkpoint.pt")
-            )
+            payload = load_checkpoint(Path(folder) / "checkpoint.pt")
+            _restore(module, optimizer, scheduler, scaler, state, payload)
     elif loop.get("resume"):
-        _restore(module, optimizer, scheduler, state, load_checkpoint(loop["resume"]))
+        _restore(module, optimizer, scheduler, scaler, state, load_checkpoint(loop["resume"]))
     module = ray.train.torch.prepare_model(module)
     inner = module.module if hasattr(module, "module") else module
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.optim.amp else None
     logger = RunLogger(loop["mlflow_uri"], loop["run_id"]) if rank == 0 else None
     dataset = CropDataset(loop["root"], cfg, split=cfg.data.train_split, rank=rank)
     steps = cfg.optim.steps_per_epoch
@@ -185,7 +189,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                     inner.model,
                     cfg,
                     val.categories,
-                    **_checkpoint_payload(inner, optimizer, scheduler, state),
+                    **_checkpoint_payload(inner, optimizer, scheduler, scaler, state),
                 )
                 if evaluating:
                     _log_evaluation(logger, result, kept, metrics, state, path, val, improved)

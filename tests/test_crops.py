@@ -18,7 +18,9 @@ from cabb_ray.data.level_balance import level_histogram, normalized_entropy
 from cabb_ray.data.panoptic_format import id2rgb, write_split_json
 from cabb_ray.data.samplers import isus_scale
 from cabb_ray.errors import CabbRayError
+from cabb_ray.losses.cabb import crop_aware_targets
 from cabb_ray.model.levels import level_of_size
+from cabb_ray.model.network import build_model
 from tests.independent_reader import read_ids, read_split
 
 SMALL_CROP = ["data.crop_size=[64, 96]", "data.shortest_side=128", "model.canonical_scale=28"]
@@ -162,6 +164,67 @@ def test_isus_is_flatter_than_cus_where_sizes_pile_up(synthetic_root):
     assert entropy["isus"][0] > entropy["cus"][0] + 0.05
     assert entropy["isus"][1] > entropy["cus"][1] + 0.05
     assert entropy["isus"][1] >= 0.85
+
+
+def test_isus_order_switch_literal_order_reaches_the_top_level_less(synthetic_root):
+    """As samplers.py documents: in the paper's literal order (instance, level, clamp) most
+    instances are small, so draws of the top levels are clamped down; fewer focus instances
+    land on the top level and the spread is less even than level-first's."""
+    extra = "model.canonical_scale=56"
+    result = {}
+    for order in ("level_first", "instance_first"):
+        cfg = config("isus", extra, f"data.isus_order={order}")
+        _, focus = level_histogram(CropDataset(synthetic_root, cfg, length=500, seed=4), 500)
+        result[order] = (normalized_entropy(focus), focus[5] / max(sum(focus.values()), 1))
+    assert result["instance_first"][1] < result["level_first"][1] - 0.03
+    assert result["instance_first"][0] < result["level_first"][0] - 0.02
+
+
+def test_cabb_target_cut_edges_reach_the_crop_border(synthetic_root):
+    """CABB regresses a cut side towards the crop border, never towards a visible-mask edge
+    that stops inside the crop: checked against cut flags recomputed from the full-resolution
+    PNG and the window, for the RPN's and the RoI heads' targets, and for the CABB solution
+    they lead to whatever the prediction."""
+    cfg = config("isus")
+    dataset = CropDataset(synthetic_root, cfg, length=80, seed=7)
+    model = build_model(cfg, dataset.sampler.split.categories)
+    heads, coder = model.roi_heads, model.roi_heads.box_coder
+    rng = torch.Generator().manual_seed(0)
+    short_of_border = 0
+    for i in range(80):
+        sample = dataset[i]
+        target = sample["target"]
+        if not len(target["boxes"]):
+            continue
+        expected = _expected(sample, synthetic_root)
+        cut = torch.tensor([expected[s][2] for s in target["segment_ids"].tolist()])
+        h, w = sample["image"].shape[1:]
+        border = torch.tensor([0.0, 0.0, float(w), float(h)]).expand_as(target["boxes"])
+        short_of_border += int(((target["boxes"] != border) & cut).sum())
+        aimed = torch.where(cut, border, target["boxes"])
+
+        outward = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+        anchors = target["boxes"] + outward * torch.rand(target["boxes"].shape, generator=rng)
+        labels, matched = model.rpn.assign_targets_to_anchors([anchors], [target])
+        rows = matched[0][labels[0] > 0]
+        assert (rows[:, None, :] == aimed[None]).all(dim=2).any(dim=1).all()
+
+        proposals = target["boxes"] + 3 * outward * torch.rand(target["boxes"].shape, generator=rng)
+        index = torch.arange(len(proposals))
+        plain = coder.encode_single(target["boxes"], proposals)
+        (encoded,) = heads.crop_aware_regression_targets(
+            [target], [index], [proposals], [cut], [plain]
+        )
+        torch.testing.assert_close(
+            coder.decode_single(encoded, proposals), aimed, atol=1e-3, rtol=0
+        )
+        best = crop_aware_targets(
+            torch.randn(encoded.shape, generator=rng), encoded, cut, coder.weights
+        )
+        box = coder.decode_single(best, proposals)
+        assert (box[:, :2][cut[:, :2]] <= 1e-3).all()
+        assert (box[:, 2][cut[:, 2]] >= w - 1e-3).all() and (box[:, 3][cut[:, 3]] >= h - 1e-3).all()
+    assert short_of_border > 0, "no cut side stopped inside the crop: the test checks nothing"
 
 
 def test_ranks_differ_and_seeds_reproduce(synthetic_root):

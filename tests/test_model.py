@@ -12,6 +12,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from cabb_ray.config import load_config
 from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+from cabb_ray.errors import CabbRayError
 from cabb_ray.model.network import build_model
 
 SMALL = ["data.crop_size=[64, 96]", "data.shortest_side=128", "model.canonical_scale=28"]
@@ -30,8 +31,8 @@ def _stock_rpn(rpn) -> RegionProposalNetwork:
     return RegionProposalNetwork(
         rpn.anchor_generator,
         rpn.head,
-        0.7,
-        0.3,
+        rpn.proposal_matcher.high_threshold,
+        rpn.proposal_matcher.low_threshold,
         rpn.fg_bg_sampler.batch_size_per_image,
         0.5,
         rpn._pre_nms_top_n,
@@ -160,6 +161,21 @@ def test_inference_returns_full_resolution_predictions(batch):
     assert set(out) >= {"boxes", "labels", "scores", "masks", "semantic"}
 
 
+def test_detection_thresholds_come_from_the_config(batch):
+    _cfg, categories, images, _ = batch
+    overrides = ["eval.detection_score_threshold=0.2", "eval.detection_nms_threshold=0.3"]
+    model = build_model(load_config("cpu_quickstart", [*SMALL, *overrides]), categories).eval()
+    assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh) == (0.2, 0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias.copy_(torch.linspace(-1, 1, 3))
+        detections = model(images)
+    scores = torch.cat([d["scores"] for d in detections])
+    assert len(scores) and scores.min() >= 0.2
+    with pytest.raises(CabbRayError, match=r"eval\.detection_score_threshold: expected 0\.\.1"):
+        load_config("cpu_quickstart", ["eval.detection_score_threshold=1.5"])
+
+
 def test_pretrained_options(tmp_path, monkeypatch):
     import urllib.error
 
@@ -168,15 +184,20 @@ def test_pretrained_options(tmp_path, monkeypatch):
     from cabb_ray.errors import CabbRayError
 
     categories = [{"id": 0, "name": "road", "isthing": 0}, {"id": 13, "name": "car", "isthing": 1}]
-    weights = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    build_model(load_config("cpu_quickstart", [f"model.pretrained={weights}"]), categories)
+    weights = tmp_path / "regnet.pth"
+    reference = torchvision.models.regnet_y_400mf()
+    torch.save(reference.state_dict(), weights)
+    model = build_model(load_config("cpu_quickstart", [f"model.pretrained={weights}"]), categories)
+    loaded = model.backbone.body.state_dict()
+    assert torch.equal(
+        loaded["block4.block4-0.f.b.0.weight"], reference.trunk_output.block4[0].f.b[0].weight
+    )
     with pytest.raises(CabbRayError, match=r"nope\.pth not found \(expected none, imagenet"):
         build_model(
             load_config("cpu_quickstart", [f"model.pretrained={tmp_path / 'nope.pth'}"]), categories
         )
     torch.save({"unrelated": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(CabbRayError, match="holds no resnet18 weights"):
+    with pytest.raises(CabbRayError, match="holds no regnet_y_400mf weights"):
         build_model(
             load_config("cpu_quickstart", [f"model.pretrained={tmp_path / 'other.pth'}"]),
             categories,

@@ -32,30 +32,13 @@ TINY = [
 ]
 
 
-def test_warmup_then_linear_decay():
+def test_lr_schedule_is_the_papers_warmup_from_zero_then_linear_decay():
     cfg = load_config(
-        "cpu_quickstart",
-        [
-            "optim.epochs=1",
-            "optim.steps_per_epoch=10",
-            "optim.warmup_steps=4",
-            "optim.warmup_factor=0.2",
-        ],
+        "cpu_quickstart", ["optim.epochs=1", "optim.steps_per_epoch=10", "optim.warmup_steps=4"]
     )
     scale = lr_lambda(cfg)
-    assert [round(scale(s), 3) for s in range(0, 11)] == [
-        0.2,
-        0.4,
-        0.6,
-        0.8,
-        1.0,
-        0.833,
-        0.667,
-        0.5,
-        0.333,
-        0.167,
-        0.0,
-    ]
+    expected = [0.0, 0.25, 0.5, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    assert [round(scale(s), 3) for s in range(0, 11)] == expected
 
 
 class _Exploding(nn.Module):
@@ -85,6 +68,31 @@ def test_non_finite_losses_are_skipped_then_fail_after_k_in_a_row():
     assert train_step(module, optimizer, scheduler, None, images, [{}], state, cfg) is None
     with pytest.raises(CabbRayError, match="3 non-finite losses in a row at step 2"):
         train_step(module, optimizer, scheduler, None, images, [{}], state, cfg)
+
+
+class _InfiniteGradient(nn.Module):
+    """A finite loss (0) whose gradient is infinite: d sqrt(w - 1) / dw at w = 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, images, targets):
+        value = torch.sqrt(self.weight - 1.0).sum()
+        return value, {"raw/rpn_box": float(value.detach())}
+
+
+@pytest.mark.parametrize("clip", ["10.0", "null"])
+def test_a_non_finite_gradient_norm_from_a_finite_loss_skips_the_step(clip):
+    cfg = load_config("cpu_quickstart", [f"optim.grad_clip_norm={clip}"])
+    module = _InfiniteGradient()
+    optimizer, scheduler = make_optimizer(module, cfg)
+    state = TrainState()
+    assert (
+        train_step(module, optimizer, scheduler, None, [torch.zeros(3)], [{}], state, cfg) is None
+    )
+    assert torch.equal(module.weight.detach(), torch.ones(1))
+    assert (state.step, state.nonfinite_total) == (0, 1)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ one image it chose. Scales are relative to the image rescaled so that its shorte
   drawn first and the instance among those that some sigma in r_th can put on it (any instance
   if none can). Drawing the instance first and clamping sigma piles every unreachable draw onto
   the lowest levels, because most instances are small: on the synthetic scenes that made the
-  per-level histogram of the sampled instances less even than plain CUS.
+  per-level histogram of the sampled instances less even than plain CUS. The literal order
+  stays available as ``data.isus_order: instance_first`` so that the two can be compared.
 * ``full``: the whole image at scale sigma ~ U(r_st), no window (FULL baselines).
 
 A window larger than the rescaled image (possible when sigma < 1) overhangs it; the overhang is
@@ -168,7 +169,10 @@ class CropSampler:
         image, ids, segments = self.load(pos)
         rows = self.catalog.instances.get((pos, category))
         if sampler == "isus" and rows is not None:
-            row, sigma = self._isus_draw(pos, rows, rng)
+            if self.data.isus_order == "instance_first":
+                row, sigma = self._isus_draw_literal(pos, rows, rng)
+            else:
+                row, sigma = self._isus_draw(pos, rows, rng)
             focus = ids == int(self.catalog.segment_id[row])
         else:
             sigma = float(rng.uniform(*self.data.r_st))
@@ -194,6 +198,21 @@ class CropSampler:
         if able:
             return int(rows[k]), level_scale(sizes[k], level, self.cfg.model, self.data.r_th, rng)
         return int(rows[k]), isus_scale(float(sizes[k]), self.cfg.model, self.data.r_th, rng)[1]
+
+    def _isus_draw_literal(self, pos: int, rows: np.ndarray, rng: np.random.Generator):
+        """(instance row, sigma) in the paper's order: a uniform instance of the class in this
+        image, a uniform pyramid level, and the sigma that puts the instance on that level,
+        clamped to r_th (so unreachable levels fall back to the nearest reachable size)."""
+        k_min, k_max = self.cfg.model.roi_levels
+        k = int(rng.integers(len(rows)))
+        level = int(rng.integers(k_min, k_max + 1))
+        f0 = self.base_scale(self.split.images[pos])
+        size = math.sqrt(
+            max(float(self.catalog.bbox[rows[k], 2] * self.catalog.bbox[rows[k], 3]), 1.0)
+        )
+        low, high = size_range_for_level(level, self.cfg.model)
+        target = math.exp(rng.uniform(math.log(low), math.log(high)))
+        return int(rows[k]), float(np.clip(target / (size * f0), *self.data.r_th))
 
     @staticmethod
     def _class_mask(ids: np.ndarray, segments: list[dict[str, Any]], category: int) -> np.ndarray:

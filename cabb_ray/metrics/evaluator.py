@@ -184,9 +184,12 @@ class PanopticEvaluator:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        sums = torch.from_numpy(np.append(self.panoptic.flat(), self.images))
+        # NCCL (Ray's backend on GPUs) reduces only CUDA tensors; gloo only CPU ones.
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+        sums = torch.from_numpy(np.append(self.panoptic.flat(), self.images)).to(device)
         dist.all_reduce(sums)
-        values = sums.numpy()
+        values = sums.cpu().numpy()
         self.panoptic.load_flat(values[:-1])
         self.images = int(values[-1])
         if self.mask_ap is not None:

@@ -5,7 +5,9 @@ ground truth are gathered from its ``matched_idxs``. ``forward`` is the box and 
 torchvision's (keypoints are not used here), because its box loss is a module-level function
 with no hook: the only difference is ``crop_aware_smooth_l1`` (RoI box coder weights, e.g.
 (10, 10, 5, 5)) in place of smooth-L1 when CABB is on. With CABB off it calls torchvision's
-``fastrcnn_loss`` itself, so the losses are torchvision's exactly.
+``fastrcnn_loss`` itself, so the losses are torchvision's exactly. With CABB on, positive
+proposals are regressed towards the box whose cut sides lie on the crop border
+(``cabb_target_boxes``); proposals are still matched and sampled on the mask box.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torchvision.models.detection.roi_heads import (
 )
 
 from cabb_ray.losses.cabb import crop_aware_smooth_l1
-from cabb_ray.model.crop_aware_rpn import _cut_of
+from cabb_ray.model.crop_aware_rpn import _cut_of, cabb_target_boxes
 
 
 class CropAwareRoIHeads(RoIHeads):
@@ -57,6 +59,25 @@ class CropAwareRoIHeads(RoIHeads):
             box_sum = F.smooth_l1_loss(pred, targets[pos], beta=self.beta, reduction="sum")
         return classification, box_sum / labels_all.numel()
 
+    def crop_aware_regression_targets(
+        self,
+        targets: list[dict[str, Tensor]],
+        matched_idxs: list[Tensor],
+        proposals: list[Tensor],
+        cuts: list[Tensor],
+        regression_targets: list[Tensor],
+    ) -> list[Tensor]:
+        """Encoded targets towards ``cabb_target_boxes`` (cut sides on the crop border);
+        images with nothing cut keep torchvision's targets."""
+        return [
+            self.box_coder.encode_single(cabb_target_boxes(t, t["boxes"])[m], p)
+            if t["boxes"].numel() and bool(c.any())
+            else r
+            for t, m, p, c, r in zip(
+                targets, matched_idxs, proposals, cuts, regression_targets, strict=True
+            )
+        ]
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -78,6 +99,10 @@ class CropAwareRoIHeads(RoIHeads):
                 else torch.zeros((len(m), 4), dtype=torch.bool, device=m.device)
                 for t, m in zip(targets, matched_idxs, strict=True)
             ]
+            if self.cabb:
+                regression_targets = self.crop_aware_regression_targets(
+                    targets, matched_idxs, proposals, cuts, regression_targets
+                )
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         if self.training:

@@ -4,6 +4,11 @@ Only two hooks change: ``assign_targets_to_anchors`` also gathers each anchor's 
 ground-truth cut flags, and ``compute_loss`` scores the sampled positive anchors with
 ``crop_aware_smooth_l1`` (RPN box coder weights (1, 1, 1, 1)). With CABB off, or nothing cut,
 both reproduce torchvision's computation exactly, random sampling included.
+
+With CABB on, the box a cut side is regressed towards is the crop border, not the edge of the
+visible mask (paper Sec. 2.4: the cropped box is the object's box clipped to the crop). The two
+differ when something occludes the object at the border; matching anchors to objects still
+uses the mask box, as without CABB.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class CropAwareRPN(RegionProposalNetwork):
             else:
                 quality = self.box_similarity(gt_boxes, anchors_per_image)
                 matched_idxs = self.proposal_matcher(quality)
-                matched = gt_boxes[matched_idxs.clamp(min=0)]
+                regressed = cabb_target_boxes(target, gt_boxes) if self.cabb else gt_boxes
+                matched = regressed[matched_idxs.clamp(min=0)]
                 cut = _cut_of(target, gt_boxes)[matched_idxs.clamp(min=0)]
                 labels_per_image = (matched_idxs >= 0).to(dtype=torch.float32)
                 labels_per_image[matched_idxs == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
@@ -88,3 +94,18 @@ def _cut_of(target: dict[str, Tensor], gt_boxes: Tensor) -> Tensor:
     if cut is None:
         return torch.zeros((gt_boxes.shape[0], 4), dtype=torch.bool, device=gt_boxes.device)
     return cut.to(device=gt_boxes.device, dtype=torch.bool)
+
+
+def cabb_target_boxes(target: dict[str, Tensor], gt_boxes: Tensor) -> Tensor:
+    """The boxes CABB regresses towards: ``gt_boxes`` with each cut side on the crop border.
+
+    A cut side's mask edge can stop inside the crop (an occluder at the border); the cropped
+    box of the whole object still reaches the border there. The crop's size is its masks'.
+    """
+    cut = _cut_of(target, gt_boxes)
+    masks = target.get("masks")
+    if masks is None or not bool(cut.any()):
+        return gt_boxes
+    height, width = masks.shape[-2:]
+    border = gt_boxes.new_tensor([0.0, 0.0, float(width), float(height)]).expand_as(gt_boxes)
+    return torch.where(cut, border, gt_boxes)

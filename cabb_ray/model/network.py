@@ -13,26 +13,22 @@ loss balancing), so that per-term magnitudes can be logged and searched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops import MultiScaleRoIAlign
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.errors import CabbRayError
+from cabb_ray.model.backbones import build_backbone
 from cabb_ray.model.crop_aware_roi_heads import CropAwareRoIHeads
 from cabb_ray.model.crop_aware_rpn import CropAwareRPN
 
@@ -52,12 +48,15 @@ SIZE_DIVISIBLE = 32
 class Architecture:
     """Sizes that differ between the GPU network and the CPU quickstart network."""
 
-    backbone: str
+    backbone: str  # a torchvision ResNet or RegNet
     anchor_sizes: tuple[int, ...]  # per FPN level P2..P6
+    anchor_scales: int  # sizes per octave: base * 2^(k / scales)
+    rpn_iou: tuple[float, float]  # anchors above are objects, below background
     rpn_batch: int
     rpn_pre_nms: tuple[int, int]  # train, test
     rpn_post_nms: tuple[int, int]
     roi_batch: int
+    roi_sampling_ratio: int  # RoIAlign samples per bin side (its backward dominates on a CPU)
     box_representation: int
     mask_layers: tuple[int, ...]
     semantic_channels: int
@@ -68,24 +67,31 @@ ARCHITECTURES = {
     "resnet50": Architecture(
         "resnet50",
         (32, 64, 128, 256, 512),
+        1,
+        (0.7, 0.3),
         256,
         (2000, 1000),
         (2000, 1000),
         512,
+        2,
         1024,
         (256, 256, 256, 256),
         128,
         100,
     ),
-    # Quarter-resolution setting (256x512 scenes, 128x128 crops): anchors scaled by 1/4,
-    # narrow heads, a ResNet-18 body.
+    # Quarter-resolution setting (256x512 scenes, 128x128 crops): a RegNetY-400MF body, narrow
+    # heads, and anchors that fit small objects: three sizes per octave from 12 px at P2 (stride
+    # 4), and a looser foreground IoU, so that most ground-truth boxes have a real anchor match.
     "cpu_small": Architecture(
-        "resnet18",
-        (8, 16, 32, 64, 128),
+        "regnet_y_400mf",
+        (12, 24, 48, 96, 192),
+        3,
+        (0.6, 0.3),
         128,
         (600, 300),
         (300, 150),
         128,
+        1,
         128,
         (64, 64),
         32,
@@ -133,15 +139,23 @@ class PanopticNet(nn.Module):
         super().__init__()
         self.arch = ARCHITECTURES[cfg.model.preset]
         self.num_things, self.num_classes = num_things, num_classes
-        self.backbone = _backbone(cfg, self.arch)
+        arch, loss, model = self.arch, cfg.loss, cfg.model
+        self.backbone = build_backbone(
+            arch.backbone,
+            model.preset,
+            model.pretrained,
+            model.fpn_channels,
+            model.trainable_backbone_layers,
+        )
         channels = self.backbone.out_channels
-        arch, loss = self.arch, cfg.loss
-        anchors = AnchorGenerator(tuple((s,) for s in arch.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        octave = tuple(2.0 ** (k / arch.anchor_scales) for k in range(arch.anchor_scales))
+        sizes = tuple(tuple(base * f for f in octave) for base in arch.anchor_sizes)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
         self.rpn = CropAwareRPN(
             anchors,
-            RPNHead(channels, 3),
-            0.7,
-            0.3,
+            RPNHead(channels, 3 * arch.anchor_scales),
+            arch.rpn_iou[0],
+            arch.rpn_iou[1],
             arch.rpn_batch,
             0.5,
             dict(zip(("training", "testing"), arch.rpn_pre_nms, strict=True)),
@@ -157,7 +171,7 @@ class PanopticNet(nn.Module):
             "canonical_level": cfg.model.canonical_level,
         }
         self.roi_heads = CropAwareRoIHeads(
-            MultiScaleRoIAlign(names, 7, 2, **pool),
+            MultiScaleRoIAlign(names, 7, arch.roi_sampling_ratio, **pool),
             TwoMLPHead(channels * 49, arch.box_representation),
             FastRCNNPredictor(arch.box_representation, num_things + 1),
             0.5,
@@ -165,10 +179,10 @@ class PanopticNet(nn.Module):
             arch.roi_batch,
             0.25,
             (10.0, 10.0, 5.0, 5.0),
-            0.05,
-            0.5,
+            cfg.eval.detection_score_threshold,
+            cfg.eval.detection_nms_threshold,
             arch.detections,
-            mask_roi_pool=MultiScaleRoIAlign(names, 14, 2, **pool),
+            mask_roi_pool=MultiScaleRoIAlign(names, 14, arch.roi_sampling_ratio, **pool),
             mask_head=MaskRCNNHeads(channels, arch.mask_layers, 1),
             mask_predictor=MaskRCNNPredictor(
                 arch.mask_layers[-1], arch.mask_layers[-1], num_things + 1
@@ -227,51 +241,6 @@ class PanopticNet(nn.Module):
             det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], (h, w))
             det["semantic"] = sem[:, :h, :w]
         return detections
-
-
-def _backbone(cfg: ExperimentConfig, arch: Architecture) -> nn.Module:
-    """ResNet + FPN. Pretrained bodies keep torchvision's frozen batch norm and train only the
-    last ``trainable_backbone_layers`` stages; a body trained from scratch uses ordinary batch
-    norm and trains everything."""
-    pretrained = cfg.model.pretrained
-    weights = None
-    if pretrained == "imagenet":
-        weights = {"resnet50": ResNet50_Weights, "resnet18": ResNet18_Weights}[arch.backbone]
-        weights = weights.IMAGENET1K_V1
-    from_scratch = pretrained == "none"
-    norm = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
-    try:
-        body = getattr(torchvision.models, arch.backbone)(weights=weights, norm_layer=norm)
-    except (OSError, RuntimeError) as err:  # no network: URLError is an OSError
-        raise CabbRayError(
-            f"model.pretrained=imagenet: could not download {weights} ({type(err).__name__}); "
-            "fetch the .pth elsewhere and pass it: --set model.pretrained=/path/to/weights.pth"
-        ) from None
-    trainable = 5 if from_scratch else cfg.model.trainable_backbone_layers
-    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
-    train += ["bn1"] if trainable == 5 else []
-    for name, parameter in body.named_parameters():
-        if not any(name.startswith(layer) for layer in train):
-            parameter.requires_grad_(False)
-    stage2 = body.inplanes // 8
-    backbone = BackboneWithFPN(
-        body,
-        {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
-        [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
-        cfg.model.fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
-    )
-    if pretrained not in ("none", "imagenet"):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise CabbRayError(
-                f"model.pretrained: {path} not found (expected none, imagenet or a .pth path)"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        result = backbone.body.load_state_dict(state, strict=False)
-        if len(result.missing_keys) == len(backbone.body.state_dict()):
-            raise CabbRayError(f"model.pretrained: {path} holds no {arch.backbone} weights")
-    return backbone
 
 
 def build_model(cfg: ExperimentConfig, categories: list[dict[str, Any]]) -> PanopticNet:

@@ -1,0 +1,81 @@
+"""How fast the CPU network learns: PQ, PQ_th, PQ_st and mask AP over a training budget, for
+several seeds, with the seed-to-seed spread a search has to see through.
+
+    python benchmarks/learning.py [--seeds 0 1 2] [--at 25 50 100] [--config cpu_quickstart]
+                                  [--set key=value ...]
+
+Each seed trains the preset once, in one process without Ray (``cabb_ray.local_training``),
+on the preset's synthetic scenes, and is evaluated on the preset's validation images at each
+percentage of its budget. Printed per checkpoint: mean and standard deviation over seeds, the
+training seconds spent to get there, and steps/s. Targets (issue 11): within one quickstart
+trial's training budget (<= 120 s) PQ_th >= 0.20; at the end of the preset's run PQ_th >= 0.30,
+mask AP >= 0.20, PQ >= 0.40, and seed-to-seed std of PQ <= 0.02.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from cabb_ray.config import load_config
+from cabb_ray.data.resolve import resolve_dataset_root
+from cabb_ray.local_training import train_locally
+
+COLUMNS = (("pq", "PQ"), ("pq_th", "PQ_th"), ("pq_st", "PQ_st"), ("map", "mask AP"))
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="cpu_quickstart")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--at", type=float, nargs="+", default=[25, 50, 100], help="% of budget")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    total = cfg.optim.epochs * cfg.optim.steps_per_epoch
+    steps = sorted({max(1, round(total * p / 100)) for p in args.at})
+    root = resolve_dataset_root(cfg.data)
+    print(
+        f"{args.config} {' '.join(args.overrides)}: {total} steps of {cfg.data.batch_size} "
+        f"crops {list(cfg.data.crop_size)}, evaluated at steps {steps} on "
+        f"{cfg.eval.max_images or 'all'} validation images, seeds {args.seeds}",
+        flush=True,
+    )
+    runs = []
+    for seed in args.seeds:
+        started = time.perf_counter()
+        seeded = load_config(args.config, [*args.overrides, f"run.seed={seed}"])
+        run = train_locally(seeded, root, evaluate_at=set(steps), log=None)
+        runs.append(run)
+        last = run.evaluations[steps[-1]]
+        print(
+            f"  seed {seed}: PQ {last['pq']:.3f} PQ_th {last['pq_th']:.3f} "
+            f"({run.steps / run.train_seconds:.2f} steps/s, "
+            f"{time.perf_counter() - started:.0f} s with evaluation)",
+            flush=True,
+        )
+    header = ["step", "% budget", "train s"] + [name for _, name in COLUMNS]
+    rows = []
+    for step in steps:
+        seconds = statistics.fmean(r.step_seconds[step] for r in runs)
+        cells = [str(step), f"{100 * step / total:.0f}", f"{seconds:.0f}"]
+        cells += [_mean_std([r.evaluations[step][key] for r in runs]) for key, _ in COLUMNS]
+        rows.append(cells)
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
+    print("\n" + "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    rate = statistics.fmean(r.steps / r.train_seconds for r in runs)
+    print(f"\nmean over {len(runs)} seeds (± standard deviation); {rate:.2f} training steps/s")
+
+
+if __name__ == "__main__":
+    main()
