@@ -419,10 +419,22 @@ def load_config(
     return cfg
 
 
+# Keys that older versions wrote into checkpoints and configs; dropped when read back.
+REMOVED_KEYS = {("optim", "warmup_factor")}  # the paper's schedule warms up from 0
+
+
+def _without_removed_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for section, key in REMOVED_KEYS:
+        if isinstance(out.get(section), Mapping) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 def config_from_dict(data: Mapping[str, Any], where: str = "") -> ExperimentConfig:
     """Build a config from an already merged mapping (search spaces, checkpoints)."""
     try:
-        cfg = _build_dataclass(ExperimentConfig, data, "", None)
+        cfg = _build_dataclass(ExperimentConfig, _without_removed_keys(data), "", None)
     except CabbRayError as err:
         raise CabbRayError(f"{where}: {err}" if where else str(err)) from None
     validate(cfg)
@@ -507,6 +519,11 @@ def validate(cfg: ExperimentConfig) -> None:
     if not 0 <= cfg.loss.normalized_momentum < 1:
         raise CabbRayError(
             f"loss.normalized_momentum: expected 0 <= m < 1, got {cfg.loss.normalized_momentum}"
+        )
+    if not 0 <= cfg.model.trainable_backbone_layers <= 5:
+        raise CabbRayError(
+            "model.trainable_backbone_layers: expected 0..5 (stages from the deepest), got "
+            f"{cfg.model.trainable_backbone_layers}"
         )
     thresholds = ("score_threshold", "overlap_threshold", "detection_score_threshold")
     for key in (*thresholds, "detection_nms_threshold"):

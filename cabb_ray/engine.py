@@ -8,7 +8,6 @@ when it is initialised.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,8 +43,9 @@ class TrainModule(nn.Module):
 
 
 def lr_lambda(cfg: ExperimentConfig):
-    """The paper's schedule (App. D): linear warm-up from 0 to lr0 over the first
-    ``warmup_steps``, then lr_i = lr0 (1 - i / total_steps)."""
+    """The paper's schedule (App. D), literally: lr_i = lr0 i / w for the first w warm-up
+    steps (step 0 at lr 0), then lr_i = lr0 (1 - i / total_steps), which starts just below
+    lr0 (1 - w / T) instead of continuing the ramp to lr0."""
     total = cfg.optim.epochs * cfg.optim.steps_per_epoch
     warmup = cfg.optim.warmup_steps
 
@@ -132,8 +132,11 @@ def train_step(
         scaler.unscale_(optimizer)
     else:
         total.backward()
-    limit = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm is not None else math.inf
-    norm = nn.utils.clip_grad_norm_(module.parameters(), limit)
+    if cfg.optim.grad_clip_norm is not None:
+        norm = nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip_norm)
+    else:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norm = nn.utils.get_total_norm(grads)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

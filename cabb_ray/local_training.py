@@ -51,7 +51,8 @@ def train_locally(
     run = LocalRun(module)
     total = cfg.optim.epochs * cfg.optim.steps_per_epoch
     dataset = CropDataset(root, cfg, split=cfg.data.train_split)
-    for epoch in range(cfg.optim.epochs):
+    epoch = 0
+    while state.step < total:  # skipped (non-finite) steps do not count: draw more batches
         dataset.set_epoch(epoch)
         loader = DataLoader(
             dataset,
@@ -63,7 +64,9 @@ def train_locally(
             start = time.perf_counter()
             values = train_step(module, optimizer, scheduler, None, images, targets, state, cfg)
             run.train_seconds += time.perf_counter() - start
-            if log and values is not None and state.step % log_every == 0:
+            if values is None:
+                continue
+            if log and state.step % log_every == 0:
                 rate = state.step / run.train_seconds
                 terms = " ".join(
                     f"{k[4:]} {v:.3f}" for k, v in values.items() if k.startswith("raw/")
@@ -79,5 +82,8 @@ def train_locally(
                     k: v for k, v in result.metrics.items() if isinstance(v, int | float)
                 }
                 module.train()
+            if state.step >= total:
+                break
+        epoch += 1
     run.steps = state.step
     return run

@@ -13,6 +13,7 @@ heads from scratch. The shipped file was made with the defaults on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -48,14 +49,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before training, not after 40 minutes of it."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise CabbRayError(f"--out {out}: {folder} is not writable; pass --out PATH")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.seed in EVALUATION_SEEDS:
-            raise CabbRayError(
-                f"--seed {args.seed}: seeds {EVALUATION_SEEDS.start}..{EVALUATION_SEEDS.stop - 1} "
-                "are kept for evaluation sets; pre-train on another one"
-            )
         if args.steps < 2:
             raise CabbRayError(f"--steps: expected >= 2, got {args.steps}")
         cfg = load_config(
@@ -75,18 +80,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *args.overrides,
             ],
         )
+        seed = cfg.data.synthetic.seed
+        if seed in EVALUATION_SEEDS or cfg.data.root is not None:
+            raise CabbRayError(
+                f"data.synthetic.seed {seed}: seeds {EVALUATION_SEEDS.start}.."
+                f"{EVALUATION_SEEDS.stop - 1} are kept for evaluation sets (and data.root must "
+                "stay null); pre-train on another seed"
+            )
         out = args.out or builtin_weights_path(cfg.model.preset)
+        _check_writable(out)
         root = resolve_dataset_root(cfg.data)
+        print(
+            f"pre-training {cfg.model.preset} from scratch: {args.steps} steps of "
+            f"{cfg.data.batch_size} crops on {args.images} synthetic scenes (seed {seed})",
+            flush=True,
+        )
+        started = time.time()
+        run = train_locally(cfg, root, evaluate_at={args.steps}, log=lambda s: print(s, flush=True))
     except CabbRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(
-        f"pre-training {cfg.model.preset} from scratch: {args.steps} steps of "
-        f"{cfg.data.batch_size} crops on {args.images} synthetic scenes (seed {args.seed})",
-        flush=True,
-    )
-    started = time.time()
-    run = train_locally(cfg, root, evaluate_at={args.steps}, log=lambda s: print(s, flush=True))
     metrics = run.evaluations.get(args.steps, {})
     summary = " ".join(f"{k} {metrics[k]:.3f}" for k in ("pq", "pq_th", "pq_st") if k in metrics)
     print(f"on its own validation scenes: {summary}")
@@ -94,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preset": cfg.model.preset,
         "fpn_channels": cfg.model.fpn_channels,
         "steps": args.steps,
-        "seed": args.seed,
+        "seed": cfg.data.synthetic.seed,
         "images": args.images,
         "lr": args.lr,
         "train_seconds": round(run.train_seconds, 1),

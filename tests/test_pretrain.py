@@ -44,16 +44,20 @@ def test_pretrain_writes_backbone_weights_that_the_network_loads(tmp_path, capsy
 
 def test_pretrain_refuses_evaluation_seeds(capsys):
     assert pretrain.main(["--seed", "0"]) == 2
-    assert "--seed 0: seeds 0..99 are kept for evaluation sets" in capsys.readouterr().err
+    assert "data.synthetic.seed 0: seeds 0..99 are kept for evaluation" in capsys.readouterr().err
+    assert pretrain.main(["--set", "data.synthetic.seed=5"]) == 2
+    assert "data.synthetic.seed 5: seeds 0..99" in capsys.readouterr().err
 
 
 def test_the_shipped_synthetic_weights_are_small_and_load():
     path = builtin_weights_path("cpu_small")
     assert path.is_file(), f"{path} is missing: run python -m cabb_ray.pretrain"
     assert path.stat().st_size <= 10 * 2**20
-    meta = torch.load(path, weights_only=True)["meta"]
-    assert meta["seed"] not in pretrain.EVALUATION_SEEDS
+    payload = torch.load(path, weights_only=True)
+    assert payload["meta"]["seed"] not in pretrain.EVALUATION_SEEDS
     model = build_model(load_config("cpu_quickstart", ["model.pretrained=synthetic"]), CATEGORIES)
+    key = "body.block4.block4-0.f.b.0.weight"
+    assert torch.equal(model.backbone.state_dict()[key], payload["backbone"][key].float())
     trainable = {
         n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad
     }

@@ -115,10 +115,24 @@ def _load_weights(
         if pretrained in BUILTIN_WEIGHTS
         else Path(pretrained).expanduser()
     )
+    if pretrained in BUILTIN_WEIGHTS and not path.is_file():
+        raise CabbRayError(
+            f"model.pretrained={pretrained}: no shipped weights for model.preset={preset} "
+            f"({path.name}); make them with python -m cabb_ray.pretrain, or use none/imagenet"
+        )
     if not path.is_file():
         expected = "none, imagenet, synthetic or a .pth path"
         raise CabbRayError(f"model.pretrained: {path} not found (expected {expected})")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and weights-only errors have no common base
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CabbRayError(
+            f"model.pretrained: {path} is not a readable weights file "
+            f"({type(err).__name__}: {first})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CabbRayError(f"model.pretrained: {path} holds no state dict")
     if isinstance(state, dict) and "backbone" in state and "meta" in state:
         meta = state["meta"]
         if (meta.get("body"), meta.get("fpn_channels")) != (body_name, fpn_channels):
