@@ -4,8 +4,11 @@
 
 CPU preset (cpu_small) on synthetic crops; the two variants alternate step by step so that
 machine noise hits both alike, and the median step time of each is compared (target ratio
-<= 1.02; the CABB paper reports ~10 ms per batch, the EfficientPS replication 1.9x). With a
-GPU, the resnet50 network on 512x512 crops is measured too.
+<= 1.02; the CABB paper reports ~10 ms per batch, the EfficientPS replication 1.9x). Two
+runs on the CPU: training (lr 0.005: the two variants' weights drift apart, so proposals and
+positives differ and the ratio also carries the training dynamics) and frozen (lr 0: both
+variants keep identical weights, so the ratio is CABB's own cost). With a GPU, the resnet50
+network on 512x512 crops is measured too.
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ from cabb_ray.data.synthetic import write_synthetic_dataset
 from cabb_ray.model.network import build_model
 
 
-def measure(preset: str, overrides: list[str], root: Path, steps: int, batch: int, device: str):
+def measure(
+    preset: str,
+    overrides: list[str],
+    root: Path,
+    steps: int,
+    batch: int,
+    device: str,
+    lr: float = 0.005,
+):
     cfg = load_config(preset, overrides)
     dataset = CropDataset(root, cfg, length=batch, seed=0)
     images, targets, _ = collate_crops([dataset[i] for i in range(batch)])
@@ -38,7 +49,7 @@ def measure(preset: str, overrides: list[str], root: Path, steps: int, batch: in
     for name, on in (("on", True), ("off", False)):
         model = copy.deepcopy(base)
         model.rpn.cabb = model.roi_heads.cabb = on
-        variants[name] = (model, torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9))
+        variants[name] = (model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     times = {name: [] for name in variants}
     for step in range(steps + 2):
         for name, (model, optimizer) in variants.items():
@@ -56,7 +67,7 @@ def measure(preset: str, overrides: list[str], root: Path, steps: int, batch: in
                 times[name].append(time.perf_counter() - start)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     print(
-        f"{preset:15s} {device:5s} batch {batch} ({cut_boxes} cut GT boxes): CABB on "
+        f"{preset:15s} {device:5s} lr {lr:g} batch {batch} ({cut_boxes} cut GT boxes): CABB on "
         f"{1000 * on:7.1f} ms, off {1000 * off:7.1f} ms, ratio {on / off:.3f} "
         f"(median of {steps} interleaved steps)"
     )
@@ -73,14 +84,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         small = Path(tmp) / "small"
         write_synthetic_dataset(small, num_train=24, num_val=0, seed=0, height=256, width=512)
-        measure(
-            "cpu_quickstart",
-            [f"data.crop_size=[{args.crop},{args.crop}]"],
-            small,
-            args.steps,
-            args.batch,
-            "cpu",
-        )
+        for lr in (0.005, 0.0):
+            measure(
+                "cpu_quickstart",
+                [f"data.crop_size=[{args.crop},{args.crop}]"],
+                small,
+                args.steps,
+                args.batch,
+                "cpu",
+                lr,
+            )
         if torch.cuda.is_available():
             large = Path(tmp) / "large"
             write_synthetic_dataset(large, num_train=12, num_val=0, seed=0, height=1024, width=2048)

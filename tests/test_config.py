@@ -4,6 +4,8 @@ import pytest
 
 from cabb_ray.config import (
     ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
     dump_config,
     flatten_config,
     load_config,
@@ -114,3 +116,16 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_defaults_are_valid():
     assert load_config() == ExperimentConfig()
+
+
+def test_checkpoint_configs_with_removed_keys_still_load():
+    """Checkpoints written before the paper's LR schedule carry optim.warmup_factor."""
+    data = config_to_dict(load_config("cpu_quickstart"))
+    data["optim"]["warmup_factor"] = 0.1
+    assert config_from_dict(data) == load_config("cpu_quickstart")
+
+
+@pytest.mark.parametrize("layers", [-1, 6])
+def test_trainable_backbone_layers_are_bounded(layers):
+    with pytest.raises(CabbRayError, match=r"model\.trainable_backbone_layers: expected 0\.\.5"):
+        load_config("cpu_quickstart", [f"model.trainable_backbone_layers={layers}"])

@@ -163,15 +163,19 @@ def test_inference_returns_full_resolution_predictions(batch):
 
 def test_detection_thresholds_come_from_the_config(batch):
     _cfg, categories, images, _ = batch
-    overrides = ["eval.detection_score_threshold=0.2", "eval.detection_nms_threshold=0.3"]
-    model = build_model(load_config("cpu_quickstart", [*SMALL, *overrides]), categories).eval()
-    assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh) == (0.2, 0.3)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias.copy_(torch.linspace(-1, 1, 3))
-        detections = model(images)
-    scores = torch.cat([d["scores"] for d in detections])
-    assert len(scores) and scores.min() >= 0.2
+    scores = {}
+    for threshold in (0.05, 0.2):
+        overrides = [
+            f"eval.detection_score_threshold={threshold}",
+            "eval.detection_nms_threshold=0.3",
+        ]
+        torch.manual_seed(0)  # the same weights for both thresholds
+        model = build_model(load_config("cpu_quickstart", [*SMALL, *overrides]), categories)
+        assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh) == (threshold, 0.3)
+        with torch.no_grad():
+            scores[threshold] = torch.cat([d["scores"] for d in model.eval()(images)])
+    assert len(scores[0.2]) and scores[0.2].min() >= 0.2
+    assert ((scores[0.05] >= 0.05) & (scores[0.05] < 0.2)).any()  # the lower one keeps more
     with pytest.raises(CabbRayError, match=r"eval\.detection_score_threshold: expected 0\.\.1"):
         load_config("cpu_quickstart", ["eval.detection_score_threshold=1.5"])
 

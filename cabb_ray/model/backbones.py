@@ -76,10 +76,18 @@ def builtin_weights_path(preset: str) -> Path:
 
 
 def build_backbone(
-    body_name: str, preset: str, pretrained: str, fpn_channels: int, trainable: int
+    body_name: str,
+    preset: str,
+    pretrained: str,
+    fpn_channels: int,
+    trainable: int,
+    starting_weights: bool = True,
 ) -> BackboneWithFPN:
-    """Body + FPN (P2..P6) with the requested starting weights and trainable stages."""
-    weights = _imagenet_weights(body_name) if pretrained == "imagenet" else None
+    """Body + FPN (P2..P6) with the requested starting weights and trainable stages; without
+    ``starting_weights`` the same structure (frozen batch norm, frozen stages) is built but
+    nothing is read or downloaded."""
+    load = starting_weights and pretrained == "imagenet"
+    weights = _imagenet_weights(body_name) if load else None
     from_scratch = pretrained == "none"
     norm = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
     try:
@@ -102,7 +110,7 @@ def build_backbone(
         fpn_channels,
         extra_blocks=LastLevelMaxPool(),
     )
-    if pretrained not in ("none", "imagenet"):
+    if starting_weights and pretrained not in ("none", "imagenet"):
         _load_weights(backbone, body_name, preset, pretrained, fpn_channels)
     return backbone
 

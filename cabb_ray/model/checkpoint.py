@@ -69,7 +69,7 @@ def model_from_checkpoint(
                 f"given; only in checkpoint: {only_saved or 'none'}; only given: "
                 f"{only_given or 'none'}; ids or kinds may differ too)"
             )
-    model = build_model(cfg, saved)
+    model = build_model(cfg, saved, starting_weights=False)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

@@ -135,7 +135,13 @@ class SemanticHead(nn.Module):
 class PanopticNet(nn.Module):
     """Backbone + FPN, CABB-aware Mask R-CNN heads and a semantic head."""
 
-    def __init__(self, cfg: ExperimentConfig, num_things: int, num_classes: int):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        num_things: int,
+        num_classes: int,
+        starting_weights: bool = True,
+    ):
         super().__init__()
         self.arch = ARCHITECTURES[cfg.model.preset]
         self.num_things, self.num_classes = num_things, num_classes
@@ -146,6 +152,7 @@ class PanopticNet(nn.Module):
             model.pretrained,
             model.fpn_channels,
             model.trainable_backbone_layers,
+            starting_weights,
         )
         channels = self.backbone.out_channels
         octave = tuple(2.0 ** (k / arch.anchor_scales) for k in range(arch.anchor_scales))
@@ -243,8 +250,12 @@ class PanopticNet(nn.Module):
         return detections
 
 
-def build_model(cfg: ExperimentConfig, categories: list[dict[str, Any]]) -> PanopticNet:
-    """The network for a dataset's categories (things become instance labels 1..T)."""
+def build_model(
+    cfg: ExperimentConfig, categories: list[dict[str, Any]], starting_weights: bool = True
+) -> PanopticNet:
+    """The network for a dataset's categories (things become instance labels 1..T).
+    ``starting_weights=False`` builds the same structure without reading or downloading the
+    ``model.pretrained`` weights (a checkpoint is about to replace them all)."""
     k_min, k_max = cfg.model.roi_levels
     if not 2 <= k_min <= k_max <= 5:
         raise CabbRayError(
@@ -253,4 +264,4 @@ def build_model(cfg: ExperimentConfig, categories: list[dict[str, Any]]) -> Pano
     things = sum(1 for c in categories if c["isthing"])
     if things == 0:
         raise CabbRayError("the dataset has no thing categories; the instance branch needs some")
-    return PanopticNet(cfg, things, len(categories))
+    return PanopticNet(cfg, things, len(categories), starting_weights)
