@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from cabb_ray.config import ExperimentConfig
-from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+from cabb_ray.data.crop_dataset import CropDataset, crop_loader
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
 from cabb_ray.losses.balancing import LossBalancer
@@ -54,12 +53,7 @@ def train_locally(
     epoch = 0
     while state.step < total:  # skipped (non-finite) steps do not count: draw more batches
         dataset.set_epoch(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.loader_workers,
-            collate_fn=collate_crops,
-        )
+        loader = crop_loader(dataset)
         for images, targets, _ in loader:
             start = time.perf_counter()
             values = train_step(module, optimizer, scheduler, None, images, targets, state, cfg)

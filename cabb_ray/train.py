@@ -83,9 +83,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     """Ray Train worker: the whole training run as seen by one rank."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader
 
-    from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+    from cabb_ray.data.crop_dataset import CropDataset, crop_loader
     from cabb_ray.data.panoptic_format import load_split
     from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
     from cabb_ray.losses.balancing import LossBalancer
@@ -125,12 +124,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     started_at = loop.get("started_at")
     for epoch in range(state.epoch, cfg.optim.epochs):
         dataset.set_epoch(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.loader_workers,
-            collate_fn=collate_crops,
-        )
+        loader = crop_loader(dataset)
         start = time.perf_counter()
         for i, (images, targets, _) in enumerate(loader):
             _maybe_die(loop.get("fault"), rank, state.step)

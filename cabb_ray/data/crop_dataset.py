@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crops import extract_crop
@@ -66,3 +66,13 @@ class CropDataset(Dataset):
 def collate_crops(batch: list[dict[str, Any]]) -> tuple[list, list, list]:
     """(images, targets, metas) as lists, the way torchvision's detection models take them."""
     return [b["image"] for b in batch], [b["target"] for b in batch], [b["meta"] for b in batch]
+
+
+def crop_loader(dataset: CropDataset) -> DataLoader:
+    """Batches of the dataset's current epoch, as the training loops consume them."""
+    return DataLoader(
+        dataset,
+        batch_size=dataset.cfg.data.batch_size,
+        num_workers=dataset.cfg.data.loader_workers,
+        collate_fn=collate_crops,
+    )
