@@ -151,13 +151,15 @@ def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     # A huge stuff_min_area drops every predicted segment: PC is exactly 0, below the first
     # trial's, so ASHA stops that trial at its first rung (epoch 1). Grid seed 1 runs the
-    # normal trial first.
+    # normal trial first. The stop reaches the Train workers asynchronously, so the stopped
+    # trial may finish another epoch or so first; it must still end before max_t.
     space = tiny_space(
         tmp_path,
         "asha",
         metric="pc",
         searcher={"type": "grid", "seed": 1},
-        scheduler={"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+        scheduler={"type": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
+        fixed={**TINY_FIXED, "data.cache_dir": str(tmp_path / "cache"), "optim.epochs": 4},
         space={"eval.stuff_min_area": {"grid": [64, 100000000]}},
     )
     assert tune_main(["--space", str(space), "--name", "a1", *common_args(tmp_path)]) == 0
@@ -167,7 +169,7 @@ def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypat
     assert normal.data.tags["cabb_ray.outcome"] == "finished" and normal.info.status == "FINISHED"
     assert stopped.data.tags["cabb_ray.outcome"] == "early_stopped"
     assert stopped.info.status == "KILLED"  # not left RUNNING
-    assert stopped.data.metrics["epoch"] == 1 and stopped.data.metrics["pc"] == 0.0
+    assert stopped.data.metrics["epoch"] < 4 and stopped.data.metrics["pc"] == 0.0
     assert stopped.data.metrics["cost/saved_device_hours"] > 0
     assert parents[0].data.metrics["search/saved_device_hours"] > 0
 
