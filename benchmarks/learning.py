@@ -58,7 +58,7 @@ def main() -> None:
         last = run.evaluations[steps[-1]]
         print(
             f"  seed {seed}: PQ {last['pq']:.3f} PQ_th {last['pq_th']:.3f} "
-            f"({run.steps / run.train_seconds:.2f} steps/s, "
+            f"({total / run.train_seconds:.2f} steps/s, "
             f"{time.perf_counter() - started:.0f} s with evaluation)",
             flush=True,
         )
@@ -73,7 +73,7 @@ def main() -> None:
     print("\n" + "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-    rate = statistics.fmean(r.steps / r.train_seconds for r in runs)
+    rate = statistics.fmean(total / r.train_seconds for r in runs)
     print(f"\nmean over {len(runs)} seeds (± standard deviation); {rate:.2f} training steps/s")
 
 

@@ -29,7 +29,6 @@ class LocalRun:
     evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
     step_seconds: dict[int, float] = field(default_factory=dict)  # training time at each
     train_seconds: float = 0.0
-    steps: int = 0
 
 
 def train_locally(
@@ -72,12 +71,9 @@ def train_locally(
             if evaluate_at and state.step in evaluate_at:
                 run.step_seconds[state.step] = run.train_seconds
                 result, _ = evaluate(module.model, val, cfg, device)
-                run.evaluations[state.step] = {
-                    k: v for k, v in result.metrics.items() if isinstance(v, int | float)
-                }
+                run.evaluations[state.step] = result.scalars()
                 module.train()
             if state.step >= total:
                 break
         epoch += 1
-    run.steps = state.step
     return run

@@ -158,9 +158,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             result, kept = evaluate(
                 inner.model, val, cfg, device, rank, world, keep=cfg.run.overlays
             )
-            state.last_metrics = {
-                k: v for k, v in result.metrics.items() if isinstance(v, int | float)
-            }
+            state.last_metrics = result.scalars()
         pq = state.last_metrics.get("pq", float("nan"))
         improved = evaluating and pq == pq and pq > state.best_pq
         if improved:  # before saving, so that the checkpoint knows its own best

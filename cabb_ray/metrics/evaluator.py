@@ -60,6 +60,10 @@ class EvaluationResult:
     per_class: list[dict[str, Any]]
     images: int
 
+    def scalars(self) -> dict[str, float]:
+        """The numeric metrics (what runs report, checkpoint and compare)."""
+        return {k: v for k, v in self.metrics.items() if isinstance(v, int | float)}
+
     def to_json(self) -> dict[str, Any]:
         def clean(value):
             return None if isinstance(value, float) and math.isnan(value) else value

@@ -70,9 +70,8 @@ def _imagenet_weights(name: str) -> Any:
 
 def builtin_weights_path(preset: str) -> Path:
     """Where the package keeps the ``synthetic`` body + FPN weights of a network preset."""
-    return Path(str(resources.files(WEIGHTS_PACKAGE) / BUILTIN_WEIGHTS["synthetic"])).with_name(
-        BUILTIN_WEIGHTS["synthetic"].format(preset=preset)
-    )
+    folder = Path(str(resources.files(WEIGHTS_PACKAGE)))
+    return folder / BUILTIN_WEIGHTS["synthetic"].format(preset=preset)
 
 
 def build_backbone(
