@@ -101,6 +101,12 @@ class LossConfig:
     balancing: BalancingName = "fixed"
     weights: LossWeights = field(default_factory=LossWeights)
     normalized_momentum: float = 0.99
+    # normalized: a term's running mean is floored here, so a term that is exactly 0 on the
+    # first batches (no things in the crops) cannot get a weight of fixed / 1e-8
+    normalized_floor: float = 0.01
+    # uncertainty: log-variances are clamped to [-limit, limit] (weights e^-5..e^5 at 5), so a
+    # term that is 0 on a batch cannot drive its log-variance down without bound
+    log_var_limit: float = 5.0
 
 
 @dataclass
@@ -130,6 +136,8 @@ class EvalConfig:
     overlap_threshold: float = 0.5
     detection_score_threshold: float = 0.05
     detection_nms_threshold: float = 0.5
+    # pixels at the evaluation scale (data.shortest_side): Panoptic FPN and seamseg use 4096
+    # at full Cityscapes resolution (the cityscapes_r50 preset); 64 suits the small scenes
     stuff_min_area: int = 64
 
 
@@ -520,6 +528,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise CabbRayError(
             f"loss.normalized_momentum: expected 0 <= m < 1, got {cfg.loss.normalized_momentum}"
         )
+    for key in ("normalized_floor", "log_var_limit"):
+        if not getattr(cfg.loss, key) > 0:
+            raise CabbRayError(f"loss.{key}: expected > 0, got {getattr(cfg.loss, key)}")
+    if cfg.eval.stuff_min_area < 0:
+        raise CabbRayError(f"eval.stuff_min_area: expected >= 0, got {cfg.eval.stuff_min_area}")
     if not 0 <= cfg.model.trainable_backbone_layers <= 5:
         raise CabbRayError(
             "model.trainable_backbone_layers: expected 0..5 (stages from the deepest), got "

@@ -23,7 +23,7 @@ from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crops import ClassMapping
 from cabb_ray.data.panoptic_format import PanopticSplit, segments_from_ids
 from cabb_ray.errors import CabbRayError
-from cabb_ray.losses.balancing import LossBalancer
+from cabb_ray.losses.balancing import LossBalancer, host_values
 from cabb_ray.metrics import PanopticEvaluator
 from cabb_ray.model.fusion import PanopticPrediction, panoptic_fusion
 from cabb_ray.model.network import PanopticNet
@@ -58,9 +58,17 @@ def lr_lambda(cfg: ExperimentConfig):
 
 
 def make_optimizer(module: nn.Module, cfg: ExperimentConfig):
-    params = [p for p in module.parameters() if p.requires_grad]
+    """SGD over the trainable parameters; the loss balancer's log-variances get no weight
+    decay (decay would pull every learned weight towards 1 regardless of the losses)."""
+    decayed, undecayed = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (undecayed if name.endswith("log_vars") else decayed).append(param)
+    groups = [{"params": decayed}]
+    if undecayed:
+        groups.append({"params": undecayed, "weight_decay": 0.0})
     optimizer = torch.optim.SGD(
-        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
@@ -80,7 +88,7 @@ class TrainState:
 
 
 def _all_ranks_finite(total: Tensor) -> bool:
-    flag = torch.tensor([1.0 if bool(torch.isfinite(total)) else 0.0], device=total.device)
+    flag = torch.isfinite(total).float().reshape(1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)
@@ -98,7 +106,8 @@ def _skip(
     state.nonfinite_total += 1
     state.nonfinite_streak += 1
     if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
-        raw = ", ".join(f"{k[4:]}={v:.3g}" for k, v in info.items() if k.startswith("raw/"))
+        values = host_values(info)
+        raw = ", ".join(f"{k[4:]}={v:.3g}" for k, v in values.items() if k.startswith("raw/"))
         raise CabbRayError(
             f"{state.nonfinite_streak} non-finite {what} in a row at step {state.step} "
             f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); last terms: "
@@ -115,11 +124,16 @@ def train_step(
     targets: list[dict[str, Tensor]],
     state: TrainState,
     cfg: ExperimentConfig,
-) -> dict[str, float] | None:
-    """One optimisation step; returns the logged values, or None when the step was skipped
-    because some rank's loss was not finite (all ranks skip together, so DDP stays in step) or
-    the gradient norm was not finite (DDP's averaged gradients make it equal on every rank;
-    with AMP the GradScaler skips such steps itself)."""
+) -> dict[str, Tensor | float] | None:
+    """One optimisation step; returns the values to log (0-d tensors still on the device:
+    ``host_values`` turns them into numbers in one transfer, on logging steps only), or None
+    when the step was skipped: because some rank's loss was not finite (all ranks skip
+    together, so DDP stays in step), or because the gradient norm was not finite (DDP's
+    averaged gradients make it equal on every rank). With AMP the GradScaler skips the latter
+    itself and lowers its scale; such steps count as skipped too, so a scale that never
+    recovers stops the run after ``optim.max_nonfinite_steps`` instead of training nothing.
+
+    Two host synchronisations per step: the two finiteness decisions."""
     device = images[0].device
     with torch.autocast(device.type, enabled=scaler is not None):
         total, info = module(images, targets)
@@ -137,18 +151,19 @@ def train_step(
     else:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         norm = nn.utils.get_total_norm(grads)
+    finite_norm = bool(torch.isfinite(norm))
     if scaler is not None:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # a no-op when the unscaled gradients hold inf or NaN
         scaler.update()
-    elif not bool(torch.isfinite(norm)):
+    elif finite_norm:
+        optimizer.step()
+    if not finite_norm:
         _skip(optimizer, state, cfg, info, "gradient norms")
         return None
-    else:
-        optimizer.step()
     state.nonfinite_streak = 0
     scheduler.step()
     state.step += 1
-    return {"loss": float(total.detach()), "lr": optimizer.param_groups[0]["lr"], **info}
+    return {"loss": total.detach(), "lr": optimizer.param_groups[0]["lr"], **info}
 
 
 def rng_state() -> dict[str, Any]:

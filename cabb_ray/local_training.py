@@ -17,7 +17,7 @@ from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crop_dataset import CropDataset, crop_loader
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
-from cabb_ray.losses.balancing import LossBalancer
+from cabb_ray.losses.balancing import LossBalancer, host_values
 from cabb_ray.model.network import build_model
 
 
@@ -60,6 +60,7 @@ def train_locally(
             if values is None:
                 continue
             if log and state.step % log_every == 0:
+                values = host_values(values)
                 rate = state.step / run.train_seconds
                 terms = " ".join(
                     f"{k[4:]} {v:.3f}" for k, v in values.items() if k.startswith("raw/")

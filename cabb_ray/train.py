@@ -87,7 +87,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     from cabb_ray.data.crop_dataset import CropDataset, crop_loader
     from cabb_ray.data.panoptic_format import load_split
     from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
-    from cabb_ray.losses.balancing import LossBalancer
+    from cabb_ray.losses.balancing import LossBalancer, host_values
     from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
     from cabb_ray.model.network import build_model
     from cabb_ray.tracking import RunLogger
@@ -137,6 +137,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
             state.train_seconds += time.perf_counter() - step_start
             if rank == 0 and values is not None and state.step % cfg.run.log_every == 0:
+                values = host_values(values)
                 rate = (i + 1) / (time.perf_counter() - start)
                 print(
                     f"epoch {epoch + 1}/{cfg.optim.epochs} step {i + 1}/{steps} "

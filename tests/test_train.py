@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from cabb_ray.config import load_config
-from cabb_ray.engine import TrainState, lr_lambda, make_optimizer, train_step
+from cabb_ray.config import LOSS_TERMS, load_config
+from cabb_ray.engine import TrainModule, TrainState, lr_lambda, make_optimizer, train_step
 from cabb_ray.errors import CabbRayError, run_cli
 from cabb_ray.train import main as train_main
 
@@ -262,3 +262,49 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     loss = _history(uri, run_id, "loss")
     assert [s for s, _ in loss] == [1, 2, 3, 4, 4, 5, 6]
     assert loss[3][1] == loss[4][1]
+
+
+def test_steps_the_amp_grad_scaler_skips_count_as_skipped():
+    """With AMP the GradScaler skips an overflowing step itself; it must count, or a scale
+    that never recovers would train nothing without stopping (CPU scaler, same logic)."""
+    cfg = load_config("cpu_quickstart", ["optim.max_nonfinite_steps=2"])
+    module = _InfiniteGradient()
+    optimizer, scheduler = make_optimizer(module, cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    state = TrainState()
+    assert (
+        train_step(module, optimizer, scheduler, scaler, [torch.zeros(3)], [{}], state, cfg) is None
+    )
+    assert scaler.get_scale() == 2.0**7  # the scaler saw the overflow and backed off
+    assert torch.equal(module.weight.detach(), torch.ones(1))
+    assert (state.step, state.nonfinite_total, scheduler.last_epoch) == (0, 1, 0)
+    with pytest.raises(CabbRayError, match="2 non-finite gradient norms in a row"):
+        train_step(module, optimizer, scheduler, scaler, [torch.zeros(3)], [{}], state, cfg)
+
+
+def test_logged_values_stay_on_the_device_until_logged():
+    from cabb_ray.losses.balancing import LossBalancer, host_values
+
+    cfg = load_config("cpu_quickstart")
+
+    class _Terms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            return {t: self.weight.sum() * (k + 1) for k, t in enumerate(LOSS_TERMS)}
+
+    module = TrainModule(_Terms(), LossBalancer(cfg.loss))
+    optimizer, scheduler = make_optimizer(module, cfg)
+    values = train_step(
+        module, optimizer, scheduler, None, [torch.zeros(3)], [{}], TrainState(), cfg
+    )
+    assert isinstance(values["loss"], torch.Tensor) and isinstance(
+        values["raw/roi_box"], torch.Tensor
+    )
+    numbers = host_values(values)
+    assert list(numbers) == list(values)
+    assert numbers["raw/roi_box"] == pytest.approx(LOSS_TERMS.index("roi_box") + 1)
+    assert numbers["loss"] == pytest.approx(sum(range(1, 7)))
+    assert numbers["lr"] == values["lr"]
