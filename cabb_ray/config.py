@@ -155,6 +155,9 @@ class RunConfig:
     cpus_per_worker: float | None = None  # default: local Ray splits this machine's cores
     gpus_per_worker: float = 1.0  # with run.gpu; fractions share a GPU between workers
     log_every: int = 10  # steps between loss logs
+    # full training states (weights, optimizer, schedule, RNG) Ray Train keeps per run; MLflow
+    # gets the best weights only
+    keep_checkpoints: int = 2
     overlays: int = 2  # validation overlays logged per evaluation
 
 
@@ -486,6 +489,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "data.synthetic.height": cfg.data.synthetic.height,
         "data.synthetic.width": cfg.data.synthetic.width,
         "run.log_every": cfg.run.log_every,
+        "run.keep_checkpoints": cfg.run.keep_checkpoints,
         "optim.max_nonfinite_steps": cfg.optim.max_nonfinite_steps,
     }
     if cfg.run.cpus_per_worker is not None:

@@ -41,8 +41,35 @@ class WorkerResources:
         return resources
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster this process joins: ``address``, else ``RAY_ADDRESS``, else one that
+    ``ray start`` runs on this node (the head node of ``ray up``), which ``ray.init()`` joins
+    by itself; None for a private local Ray."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return address or os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # a Ray without this helper: only explicit addresses count
+        return None
+    return read_ray_address() or None
+
+
 def on_cluster(address: str | None = None) -> bool:
-    return bool(address or os.environ.get("RAY_ADDRESS"))
+    """Whether resources are the cluster's, not this machine's (a head node may have no GPU)."""
+    return cluster_address(address) is not None
+
+
+def run_name_taken(storage: str | Path, name: str) -> bool:
+    """Whether ``storage/name`` already holds a Ray Train run (local folder or s3:// etc.):
+    starting a run of that name would silently continue the old run's checkpoints."""
+    import pyarrow.fs
+
+    storage = str(storage)
+    if "://" not in storage:
+        folder = Path(storage).expanduser() / name
+        return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(storage.rstrip("/") + "/" + name)
+    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 def worker_resources(cfg: ExperimentConfig, share: int = 1) -> WorkerResources:
@@ -108,7 +135,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     quiet_ray(verbose)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     ray.init(
         address=address,
         log_to_driver=True,
@@ -175,7 +202,7 @@ def build_trainer(
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         ),

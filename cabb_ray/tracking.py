@@ -10,6 +10,7 @@ after a worker failure keeps every metric logged before it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,14 +112,43 @@ def start_run(
     return run.info.run_id
 
 
+# Seconds to wait before each retry of a failed logging call (a locked sqlite database, a
+# tracking server restarting); after the last one the record is dropped with a warning.
+RETRY_DELAYS_S = (1.0, 4.0)
+
+
 class RunLogger:
-    """Metrics and artifacts of one run, by id (usable from any process)."""
+    """Metrics and artifacts of one run, by id (usable from any process).
+
+    Writes are retried briefly and then dropped with a warning on stderr: a tracking hiccup
+    must not kill a training worker (which would spend one of Ray Train's restarts) or lose
+    the training itself; the checkpoints do not depend on MLflow."""
 
     def __init__(self, uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)
         self.run_id = run_id
+
+    def _tolerant(self, what: str, write, *args) -> bool:
+        """Call ``write(*args)``, retrying after each of RETRY_DELAYS_S; False if it never
+        succeeded."""
+        for attempt in range(len(RETRY_DELAYS_S) + 1):
+            try:
+                write(*args)
+                return True
+            except Exception as err:  # sqlite, HTTP and filesystem errors of many kinds
+                if attempt == len(RETRY_DELAYS_S):
+                    reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+                    print(
+                        f"warning: MLflow run {self.run_id}: {what} not recorded after "
+                        f"{attempt + 1} attempts ({reason}); training goes on",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return False
+                time.sleep(RETRY_DELAYS_S[attempt])
+        return False
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -130,20 +160,26 @@ class RunLogger:
             if isinstance(value, int | float) and value == value  # MLflow rejects NaN
         ]
         for start in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+            chunk = batch[start : start + 500]
+            self._tolerant(
+                f"metrics at step {step}",
+                lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
+            )
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self._tolerant(
+            f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), folder
+        )
 
     def text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._tolerant(f"artifact {name}", self.client.log_text, self.run_id, text, name)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        self._tolerant(f"status {status}", self.client.set_terminated, self.run_id, status)
 
     def tags(self, values: dict[str, str]) -> None:
         for key, value in values.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self._tolerant(f"tag {key}", self.client.set_tag, self.run_id, key, str(value))
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status

@@ -2,6 +2,7 @@
 
     python -m cabb_ray.train --config cpu_quickstart [--set optim.lr=0.02 ...] [--workers 2]
         [--gpu] [--mlflow-uri sqlite:///mlflow.db] [--experiment NAME] [--resume CHECKPOINT]
+        [--name NAME] [--address ADDR]
 
 The driver checks the inputs (config, workers, GPU, MLflow), prepares the dataset (generating
 the synthetic one on first use), creates the MLflow run and starts a ``TorchTrainer`` (Ray 2.60
@@ -177,7 +178,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                path = save_checkpoint(
+                save_checkpoint(
                     Path(folder) / "checkpoint.pt",
                     inner.model,
                     cfg,
@@ -185,7 +186,17 @@ def train_loop(loop: dict[str, Any]) -> None:
                     **_checkpoint_payload(inner, optimizer, scheduler, scaler, state),
                 )
                 if evaluating:
-                    _log_evaluation(logger, result, kept, metrics, state, path, val, improved)
+                    with tempfile.TemporaryDirectory() as best_folder:
+                        best = None
+                        if improved:  # weights and config only: no optimizer state in MLflow
+                            best = save_checkpoint(
+                                Path(best_folder) / "checkpoint.pt",
+                                inner.model,
+                                cfg,
+                                val.categories,
+                                best={"pq": pq, "epoch": state.epoch, "step": state.step},
+                            )
+                        _log_evaluation(logger, result, kept, state, best, val)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -202,8 +213,9 @@ def _evaluates(state, cfg: ExperimentConfig, eval_epochs: list[int] | None) -> b
     )
 
 
-def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, improved) -> None:
-    """Rank 0: metrics, per-class table, size-bin plot, overlays, best checkpoint."""
+def _log_evaluation(logger, result, kept, state, best: Path | None, val) -> None:
+    """Rank 0: metrics, per-class table, size-bin plot, overlays, and the weights-only
+    checkpoint ``best`` when PQ improved."""
     from PIL import Image
 
     from cabb_ray.predict import category_colors, overlay
@@ -225,8 +237,8 @@ def _log_evaluation(logger, result, kept, metrics, state, checkpoint_path, val, 
             path = Path(folder) / f"overlay_{image['id']}.jpg"
             Image.fromarray(picture).save(path, quality=85)
             logger.artifact(path, f"eval/epoch_{state.epoch:03d}")
-    if improved:
-        logger.artifact(checkpoint_path, "best")
+    if best is not None:
+        logger.artifact(best, "best")
         logger.metrics({"best_pq": state.best_pq}, state.step)
 
 
@@ -287,6 +299,27 @@ def run_training(
     return trainer.fit()
 
 
+def _run_name(storage: str, requested: str | None) -> str:
+    """A run name that is new in ``storage``: Ray Train continues the checkpoints of a run
+    whose storage and name repeat, so a reused name would silently resume an older run."""
+    from cabb_ray.launch import run_name_taken
+
+    if requested is not None:
+        if run_name_taken(storage, requested):
+            raise CabbRayError(
+                f"--name {requested}: {storage}/{requested} already holds a run (Ray Train would "
+                "continue its checkpoints); choose a new --name (with --resume CHECKPOINT to "
+                "continue from one of its checkpoints)"
+            )
+        return requested
+    stamp = time.strftime("train-%Y%m%d-%H%M%S")
+    name, suffix = stamp, 1
+    while run_name_taken(storage, name):  # several runs started within one second
+        suffix += 1
+        name = f"{stamp}-{suffix}"
+    return name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cabb_ray.train",
@@ -300,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mlflow-uri", help="tracking URI (run.mlflow_uri)")
     parser.add_argument("--experiment", help="MLflow experiment (run.experiment)")
     parser.add_argument("--resume", help="checkpoint.pt (or its folder) to continue from")
-    parser.add_argument("--name", help="run name (default: a timestamp)")
+    parser.add_argument("--name", help="run name, new in run.output_dir (default: a timestamp)")
+    parser.add_argument("--address", help="Ray cluster to join ('auto'; default: RAY_ADDRESS)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     args = parser.parse_args(argv)
 
@@ -321,11 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "optimizer" not in load_checkpoint(resume):  # raises for files that are no checkpoint
             raise CabbRayError(f"--resume {resume}: a model-only checkpoint cannot resume training")
         resume = str(resume.resolve())
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    name = _run_name(cfg.run.output_dir, args.name)
     cfg, uri, root = prepare(cfg, args.mlflow_uri, args.experiment)
 
     from cabb_ray.tracking import RunLogger, start_run
 
-    name = args.name or time.strftime("train-%Y%m%d-%H%M%S")
     run_id = start_run(cfg, uri, cfg.run.experiment, name)
     print(f"MLflow run {run_id} in experiment {cfg.run.experiment!r} at {uri}", flush=True)
     try:

@@ -129,6 +129,46 @@ def test_gpu_flag_without_gpu(tmp_path, capsys, monkeypatch):
     assert "--gpu: no CUDA device on this machine" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU head node")
+def test_gpu_flag_passes_on_the_cpu_head_node_of_a_cluster(tmp_path, capsys, monkeypatch):
+    """On the head of `ray up` (no GPU, no RAY_ADDRESS, Ray started by `ray start`) the GPUs
+    are the cluster's: the check must not refuse --gpu."""
+    import ray._private.utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *a: "10.0.0.1:6379")
+    with pytest.raises(SystemExit):  # stopped by the next check, the tracking URI
+        run_cli(train_main, ["--gpu", "--mlflow-uri", "ftp://x"])
+    err = capsys.readouterr().err
+    assert "no CUDA device" not in err and "expected sqlite:///path.db" in err
+
+
+def test_a_reused_run_name_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / ".validate_storage_marker").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_main, ["--name", "taken", "--mlflow-uri", "ftp://x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--name taken: runs/taken already holds a run" in err
+
+
+def test_default_run_names_never_repeat_within_one_second(tmp_path, monkeypatch):
+    import cabb_ray.train
+
+    monkeypatch.setattr(cabb_ray.train.time, "strftime", lambda fmt: "train-same-second")
+    first = cabb_ray.train._run_name(str(tmp_path), None)
+    (tmp_path / first).mkdir()
+    (tmp_path / first / "checkpoint_0").mkdir()
+    second = cabb_ray.train._run_name(str(tmp_path), None)
+    assert (first, second) == ("train-same-second", "train-same-second-2")
+    # an empty folder (a run that failed before Ray started) does not count as a run
+    (tmp_path / "empty").mkdir()
+    assert cabb_ray.train._run_name(str(tmp_path), "empty") == "empty"
+
+
 # ---------------------------------------------------------------- real Ray Train runs
 
 
@@ -203,6 +243,12 @@ def test_two_worker_run_tracks_everything_and_resumes(ray_cluster, tmp_path, mon
         "best/checkpoint.pt",
     } <= artifacts
     assert any(a.startswith("eval/epoch_001/overlay_") for a in artifacts)
+    best = torch.load(
+        client.download_artifacts(run.info.run_id, "best/checkpoint.pt", str(tmp_path)),
+        weights_only=False,
+    )
+    assert "optimizer" not in best and best["best"]["pq"] == run.data.metrics["pq"]
+    assert best["model"].keys() and best["config"]["run"]["workers"] == 2
     assert [s for s, _ in _history(uri, run.info.run_id, "loss")] == [1, 2, 3]
 
     checkpoints = sorted(
@@ -243,6 +289,7 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_cluster, tmp_path):
             "optim.epochs=2",
             "run.workers=2",
             "run.max_failures=1",
+            "run.keep_checkpoints=1",
             f"data.cache_dir={tmp_path / 'cache'}",
             f"run.output_dir={tmp_path / 'runs'}",
         ],
@@ -262,6 +309,8 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     loss = _history(uri, run_id, "loss")
     assert [s for s, _ in loss] == [1, 2, 3, 4, 4, 5, 6]
     assert loss[3][1] == loss[4][1]
+    kept = [p for p in (tmp_path / "runs" / "faulty").glob("checkpoint_*") if p.is_dir()]
+    assert len(kept) == 1  # run.keep_checkpoints
 
 
 def test_steps_the_amp_grad_scaler_skips_count_as_skipped():
