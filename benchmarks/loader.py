@@ -9,6 +9,8 @@ crops (the quarter-scale CPU setting doubled), 1024x2048 with s0 = 1024 and 512x
 (cityscapes_r50). Next to it, in the same run, the crops/s a training step consumes: the CPU
 network (cpu_small) on a batch of 8 such crops, forward + backward + SGD step, median of a few
 steps after one warm-up (on a GPU machine the ResNet-50 network would consume faster).
+Last, the training loop's DataLoader rebuilt every epoch (as before) vs kept with persistent
+worker processes (now), side by side.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cabb_ray.config import load_config
-from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+from cabb_ray.data.crop_dataset import CropDataset, collate_crops, crop_loader, epoch_batches
 from cabb_ray.data.index import build_segment_index
 from cabb_ray.data.synthetic import write_synthetic_split
 from cabb_ray.model.network import build_model
@@ -99,6 +101,50 @@ def main() -> None:
                 f"{height}x{width:<5d} {crop}x{crop:<4d} {single:>18.1f} {pooled:>18.1f} "
                 f"{consumed:>17.1f}  loader/train {pooled / consumed:.1f}x"
             )
+    epochs_side_by_side(args.workers)
+
+
+def epochs_side_by_side(workers: int, epochs: int = 6, steps: int = 10) -> None:
+    """The run's DataLoader rebuilt every epoch (before) vs kept with persistent workers
+    (now), on the cpu_quickstart preset's data: time to an epoch's first batch and per
+    epoch, epochs 2.. (the first starts the workers either way), alternating the two."""
+    cfg = load_config(
+        "cpu_quickstart",
+        [f"data.loader_workers={workers}", f"optim.steps_per_epoch={steps}"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_synthetic_split(root, "train", 12, seed=0, height=256, width=512)
+        build_segment_index(root, "train", verify=False)
+        dataset = CropDataset(root, cfg)
+        loaders = {
+            "rebuilt each epoch": crop_loader(dataset, persistent=False),
+            "persistent workers": crop_loader(dataset, persistent=True),
+        }
+        first: dict[str, list[float]] = {name: [] for name in loaders}
+        whole: dict[str, list[float]] = {name: [] for name in loaders}
+        for epoch in range(epochs):
+            for name, loader in loaders.items():
+                start = time.perf_counter()
+                batches = epoch_batches(loader, epoch)
+                next(batches)
+                got_first = time.perf_counter()
+                for _ in batches:
+                    pass
+                if epoch > 0:
+                    first[name].append(got_first - start)
+                    whole[name].append(time.perf_counter() - start)
+    print(
+        f"\nloader epochs ({steps} batches of {cfg.data.batch_size} crops, {workers} workers, "
+        f"cpu_quickstart data, epochs 2..{epochs}):"
+    )
+    for name in loaders:
+        print(
+            f"  {name:>20s}: first batch {statistics.mean(first[name]):.3f} s, "
+            f"epoch {statistics.mean(whole[name]):.3f} s"
+        )
+    before, now = (statistics.mean(whole[n]) for n in loaders)
+    print(f"  epoch time persistent / rebuilt: {now / before:.3f}")
 
 
 if __name__ == "__main__":

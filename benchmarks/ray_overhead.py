@@ -1,18 +1,24 @@
-"""Training steps/s under Ray Train (1 worker, DDP via prepare_model) vs the same loop without
-Ray: same config, same crops, same run. Target ratio >= 0.95.
+"""What Ray costs a training run, measured side by side in one run (target ratio >= 0.95).
 
-    python benchmarks/ray_overhead.py [--steps 30]
+    python benchmarks/ray_overhead.py [--steps 30] [--epochs 4] [--epoch-steps 10]
 
-The plain loop is timed before and after the Ray run and the ratio uses their mean, so that
-drift of this shared machine does not land on one side only. Both sides run
-``cabb_ray.engine.train_step`` on the cpu_quickstart network over the same
-CropDataset stream; each measures its own steady-state rate after 3 warm-up steps. Ray's
-start-up (cluster, worker group, DDP init) is a one-off cost per run and printed separately.
+1. Steps: training steps/s under Ray Train (1 worker, DDP via prepare_model) vs the same loop
+   without Ray, same config and crops. The plain loop is timed before and after the Ray run
+   and the ratio uses their mean, so that drift of this shared machine does not land on one
+   side only; each side measures its steady-state rate after 3 warm-up steps.
+2. Whole epochs: ``cabb_ray.train``'s own Ray Train run (the product path: training steps,
+   evaluation every epoch, checkpoint, MLflow logging and the report, timed per epoch by the
+   worker as ``time/epoch_s``) vs a plain loop of the same steps and evaluations without Ray,
+   checkpoints or MLflow. The first epoch of each side is left out (warm-up).
+
+Ray's start-up (cluster, worker group, DDP init) is a one-off cost per run, printed separately.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +33,7 @@ WARMUP = 3
 
 def timed_steps(cfg_dict: dict, root: str, steps: int, use_ray: bool) -> float:
     """Steady-state steps/s of the training loop (inside a Ray worker when ``use_ray``)."""
-    from torch.utils.data import DataLoader
-
-    from cabb_ray.data.crop_dataset import CropDataset, collate_crops
+    from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
     from cabb_ray.data.panoptic_format import load_split
     from cabb_ray.engine import TrainModule, TrainState, make_optimizer, train_step
     from cabb_ray.losses.balancing import LossBalancer
@@ -45,15 +49,9 @@ def timed_steps(cfg_dict: dict, root: str, steps: int, use_ray: bool) -> float:
 
         module = ray.train.torch.prepare_model(module)
     dataset = CropDataset(root, cfg, length=(steps + WARMUP) * cfg.data.batch_size)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.loader_workers,
-        collate_fn=collate_crops,
-    )
     state = TrainState()
     start = None
-    for k, (images, targets, _) in enumerate(loader):
+    for k, (images, targets, _) in enumerate(epoch_batches(crop_loader(dataset), 0)):
         if k == WARMUP:
             start = time.perf_counter()
         train_step(module, optimizer, scheduler, None, images, targets, state, cfg)
@@ -93,13 +91,74 @@ def ray_rate(cfg_dict: dict, root: str, steps: int) -> tuple[float, float]:
     return result.metrics["steps_per_s"], time.perf_counter() - start
 
 
+def plain_epochs(cfg, root: str) -> list[float]:
+    """Wall seconds of each epoch of training steps + evaluation, without Ray."""
+    from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
+    from cabb_ray.data.panoptic_format import load_split
+    from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
+    from cabb_ray.losses.balancing import LossBalancer, host_values
+    from cabb_ray.model.network import build_model
+
+    torch.manual_seed(cfg.run.seed)
+    val = load_split(root, cfg.data.val_split)
+    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss))
+    optimizer, scheduler = make_optimizer(module, cfg)
+    loader = crop_loader(CropDataset(root, cfg))
+    state, seconds = TrainState(), []
+    for epoch in range(cfg.optim.epochs):
+        start = time.perf_counter()
+        for images, targets, _ in epoch_batches(loader, epoch):
+            values = train_step(module, optimizer, scheduler, None, images, targets, state, cfg)
+            if values is not None and state.step % cfg.run.log_every == 0:
+                host_values(values)
+        evaluate(module.model, val, cfg, torch.device("cpu"))
+        module.train()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def ray_epochs(cfg, root: str, folder: Path) -> tuple[list[float], float]:
+    """Wall seconds of each epoch of ``cabb_ray.train``'s Ray Train run, and its whole wall."""
+    import ray
+
+    from cabb_ray.tracking import RunLogger, check_tracking, start_run
+    from cabb_ray.train import run_training
+
+    uri = check_tracking(f"sqlite:///{folder / 'mlflow.db'}")
+    run_id = start_run(cfg, uri, "ray_overhead", "whole-epochs")
+    start = time.perf_counter()
+    result = run_training(cfg, uri, Path(root), run_id, "whole-epochs")
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    if result.error is not None:
+        raise RuntimeError(f"the Ray Train run failed: {result.error}")
+    logger = RunLogger(uri, run_id)
+    for phase in ("steps", "eval", "checkpoint", "mlflow", "report"):
+        seconds = [v for _, v in logger.history(f"time/epoch_{phase}_s")][1:]
+        print(f"  Ray epoch phase {phase}: {statistics.mean(seconds):.2f} s (epochs 2..)")
+    return [v for _, v in logger.history("time/epoch_s")], wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epoch-steps", type=int, default=10)
     args = parser.parse_args()
     cfg = load_config("cpu_quickstart", ["data.loader_workers=1"])
+    epochs_cfg = load_config(
+        "cpu_quickstart",
+        [
+            "data.loader_workers=1",
+            f"optim.epochs={args.epochs}",
+            f"optim.steps_per_epoch={args.epoch_steps}",
+            "optim.warmup_steps=5",
+            "eval.every=1",
+            "run.overlays=1",
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp) / "data")
         write_synthetic_dataset(root, num_train=24, num_val=4, seed=0, height=256, width=512)
@@ -107,6 +166,14 @@ def main() -> None:
         under_ray, wall = ray_rate(config_to_dict(cfg), root, args.steps)
         after = timed_steps(config_to_dict(cfg), root, args.steps, use_ray=False)
         plain = (before + after) / 2
+        epochs_cfg = dataclasses.replace(
+            epochs_cfg, run=dataclasses.replace(epochs_cfg.run, output_dir=str(Path(tmp) / "runs"))
+        )
+        plain_before = plain_epochs(epochs_cfg, root)
+        under_ray_epochs, ray_wall = ray_epochs(epochs_cfg, root, Path(tmp))
+        plain_after = plain_epochs(epochs_cfg, root)
+    plain_epoch = statistics.mean(plain_before[1:] + plain_after[1:])
+    ray_epoch = statistics.mean(under_ray_epochs[1:])
     print(
         f"cpu_quickstart, batch {cfg.data.batch_size} crops {list(cfg.data.crop_size)}, "
         f"{args.steps} steps after {WARMUP} warm-up:"
@@ -114,6 +181,19 @@ def main() -> None:
     print(f"  without Ray: {before:.3f} steps/s before, {after:.3f} after the Ray run")
     print(f"  Ray Train, 1 worker: {under_ray:.3f} steps/s (wall time with start-up {wall:.0f} s)")
     print(f"  ratio Ray / mean(without): {under_ray / plain:.3f} (target >= 0.95)")
+    print(
+        f"whole epochs ({args.epoch_steps} steps + evaluation of 4 images, "
+        f"epochs 2..{args.epochs}):"
+    )
+    print(
+        f"  without Ray: {plain_epoch:.2f} s/epoch (mean of the runs before and after: "
+        f"{statistics.mean(plain_before[1:]):.2f}, {statistics.mean(plain_after[1:]):.2f})"
+    )
+    print(
+        f"  cabb_ray.train on Ray Train, with checkpoint + MLflow: {ray_epoch:.2f} s/epoch "
+        f"(wall time with start-up {ray_wall:.0f} s)"
+    )
+    print(f"  ratio epochs/s Ray / without: {plain_epoch / ray_epoch:.3f} (target >= 0.95)")
 
 
 if __name__ == "__main__":

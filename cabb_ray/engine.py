@@ -206,11 +206,13 @@ def predict_image(
     device: torch.device,
 ) -> PanopticPrediction:
     """Full-image prediction at the training scale (shortest side s0), returned at the
-    image's own resolution (ids nearest-upsampled, instance masks too)."""
+    image's own resolution (ids nearest-upsampled, instance masks too). The image travels to
+    the device as uint8 and is converted and resized there; fusion copies back only the
+    semantic argmax, the thresholded masks, scores and labels."""
     scale = cfg.data.shortest_side / min(image.shape[:2])
-    tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255)
+    pixels = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)  # a writable copy
     with torch.no_grad():
-        (detection,) = model([_rescaled(tensor, scale).to(device)])
+        (detection,) = model([_rescaled(pixels.float().div(255), scale)])
     prediction = panoptic_fusion(detection, classes, cfg.eval)
     shape = image.shape[:2]
     if prediction.ids.shape != shape:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cabb_ray.config import ExperimentConfig
-from cabb_ray.data.crop_dataset import CropDataset, crop_loader
+from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
 from cabb_ray.losses.balancing import LossBalancer, host_values
@@ -49,11 +49,10 @@ def train_locally(
     run = LocalRun(module)
     total = cfg.optim.epochs * cfg.optim.steps_per_epoch
     dataset = CropDataset(root, cfg, split=cfg.data.train_split)
+    loader = crop_loader(dataset)
     epoch = 0
     while state.step < total:  # skipped (non-finite) steps do not count: draw more batches
-        dataset.set_epoch(epoch)
-        loader = crop_loader(dataset)
-        for images, targets, _ in loader:
+        for images, targets, _ in epoch_batches(loader, epoch):
             start = time.perf_counter()
             values = train_step(module, optimizer, scheduler, None, images, targets, state, cfg)
             run.train_seconds += time.perf_counter() - start

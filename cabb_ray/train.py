@@ -85,7 +85,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from cabb_ray.data.crop_dataset import CropDataset, crop_loader
+    from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
     from cabb_ray.data.panoptic_format import load_split
     from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
     from cabb_ray.losses.balancing import LossBalancer, host_values
@@ -123,18 +123,18 @@ def train_loop(loop: dict[str, Any]) -> None:
     dataset = CropDataset(loop["root"], cfg, split=cfg.data.train_split, rank=rank)
     steps = cfg.optim.steps_per_epoch
     started_at = loop.get("started_at")
+    loader = crop_loader(dataset, pin_memory=device.type == "cuda")
+    copy = {"non_blocking": device.type == "cuda"}  # from pinned memory
     for epoch in range(state.epoch, cfg.optim.epochs):
-        dataset.set_epoch(epoch)
-        loader = crop_loader(dataset)
         start = time.perf_counter()
-        for i, (images, targets, _) in enumerate(loader):
+        for i, (images, targets, _) in enumerate(epoch_batches(loader, epoch)):
             _maybe_die(loop.get("fault"), rank, state.step)
             if rank == 0 and started_at is not None:  # from the search trial's start
                 logger.metrics({"time/startup_s": time.time() - started_at}, state.step)
                 started_at = None
             step_start = time.perf_counter()
-            images = [img.to(device) for img in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            images = [img.to(device, **copy) for img in images]
+            targets = [{k: v.to(device, **copy) for k, v in t.items()} for t in targets]
             values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
             state.train_seconds += time.perf_counter() - step_start
             if rank == 0 and values is not None and state.step % cfg.run.log_every == 0:
@@ -154,6 +154,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                     state.step,
                 )
         state.epoch = epoch + 1
+        phases = _PhaseClock(start, "steps")
         evaluating = _evaluates(state, cfg, loop.get("eval_epochs"))
         kept = []
         if evaluating:
@@ -161,6 +162,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                 inner.model, val, cfg, device, rank, world, keep=cfg.run.overlays
             )
             state.last_metrics = result.scalars()
+            phases.done("eval")
         pq = state.last_metrics.get("pq", float("nan"))
         improved = evaluating and pq == pq and pq > state.best_pq
         if improved:  # before saving, so that the checkpoint knows its own best
@@ -185,6 +187,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                     val.categories,
                     **_checkpoint_payload(inner, optimizer, scheduler, scaler, state),
                 )
+                phases.done("checkpoint")
                 if evaluating:
                     with tempfile.TemporaryDirectory() as best_folder:
                         best = None
@@ -197,8 +200,32 @@ def train_loop(loop: dict[str, Any]) -> None:
                                 best={"pq": pq, "epoch": state.epoch, "step": state.step},
                             )
                         _log_evaluation(logger, result, kept, state, best, val)
+                    phases.done("mlflow")
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+            phases.done("report")
+        if rank == 0:  # where the epoch's wall time went
+            logger.metrics(phases.metrics(), state.step)
+
+
+class _PhaseClock:
+    """Wall seconds of an epoch's phases: steps, eval, checkpoint, mlflow, report."""
+
+    def __init__(self, start: float, first: str):
+        self.start = self.last = start
+        self.seconds: dict[str, float] = {}
+        self.done(first)
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "time/epoch_s": self.last - self.start,
+            **{f"time/epoch_{k}_s": v for k, v in self.seconds.items()},
+        }
 
 
 def _evaluates(state, cfg: ExperimentConfig, eval_epochs: list[int] | None) -> bool:

@@ -325,3 +325,18 @@ def test_preview_writes_grid_and_manifest(synthetic_root, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "crops.png").size[0] >= 5 * 96
+
+
+def test_persistent_loader_workers_follow_the_epoch(synthetic_root):
+    """The run's one DataLoader keeps its worker processes; each epoch's crops must still be
+    that epoch's (the workers' dataset copies never see set_epoch)."""
+    from cabb_ray.data.crop_dataset import crop_loader, epoch_batches
+
+    cfg = config("isus", "data.loader_workers=2", "data.batch_size=2")
+    dataset = CropDataset(synthetic_root, cfg, length=4, seed=3)
+    loader = crop_loader(dataset)
+    assert loader.persistent_workers
+    for epoch in (0, 1, 0):
+        got = [m["window"] for _, _, metas in epoch_batches(loader, epoch) for m in metas]
+        dataset.set_epoch(epoch)
+        assert got == [dataset[i]["meta"]["window"] for i in range(4)], epoch

@@ -7,11 +7,12 @@ their scheduling, and the same seed reproduces it exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crops import extract_crop
@@ -45,8 +46,12 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.rank, self.epoch, index])
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``index`` of the current epoch, or ``(epoch, index)``: a DataLoader's
+        persistent worker processes hold their own copy of the dataset, so ``EpochSampler``
+        sends the epoch along with each index."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, self.rank, epoch, index])
         drawn = self.sampler.draw(rng)
         sample = extract_crop(
             drawn.image,
@@ -68,11 +73,43 @@ def collate_crops(batch: list[dict[str, Any]]) -> tuple[list, list, list]:
     return [b["image"] for b in batch], [b["target"] for b in batch], [b["meta"] for b in batch]
 
 
-def crop_loader(dataset: CropDataset) -> DataLoader:
-    """Batches of the dataset's current epoch, as the training loops consume them."""
+class EpochSampler(Sampler[tuple[int, int]]):
+    """(epoch, index) pairs of one epoch; ``set_epoch`` picks the epoch (in the training
+    process, where a DataLoader draws its indices)."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def crop_loader(
+    dataset: CropDataset, pin_memory: bool = False, persistent: bool = True
+) -> DataLoader:
+    """The run's one DataLoader: its worker processes persist across epochs (``persistent``;
+    False rebuilds them each epoch, as before, for the benchmark). Iterate an epoch with
+    ``epoch_batches``. ``pin_memory`` on CUDA, for non-blocking copies to the device."""
+    workers = dataset.cfg.data.loader_workers
     return DataLoader(
         dataset,
         batch_size=dataset.cfg.data.batch_size,
-        num_workers=dataset.cfg.data.loader_workers,
+        sampler=EpochSampler(len(dataset)),
+        num_workers=workers,
         collate_fn=collate_crops,
+        persistent_workers=persistent and workers > 0,
+        pin_memory=pin_memory,
     )
+
+
+def epoch_batches(loader: DataLoader, epoch: int) -> Iterator[tuple[list, list, list]]:
+    """Batches of the given epoch: (images, targets, metas)."""
+    loader.sampler.set_epoch(epoch)
+    return iter(loader)
