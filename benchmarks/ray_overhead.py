@@ -35,21 +35,17 @@ def timed_steps(cfg_dict: dict, root: str, steps: int, use_ray: bool) -> float:
     """Steady-state steps/s of the training loop (inside a Ray worker when ``use_ray``)."""
     from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
     from cabb_ray.data.panoptic_format import load_split
-    from cabb_ray.engine import TrainModule, TrainState, make_optimizer, train_step
-    from cabb_ray.losses.balancing import LossBalancer
-    from cabb_ray.model.network import build_model
+    from cabb_ray.engine import train_step
+    from cabb_ray.run_state import build_training
 
     cfg = config_from_dict(cfg_dict)
-    torch.manual_seed(0)
     categories = load_split(root, "val").categories
-    module = TrainModule(build_model(cfg, categories), LossBalancer(cfg.loss))
-    optimizer, scheduler = make_optimizer(module, cfg)
+    module, optimizer, scheduler, _, state = build_training(cfg, categories, torch.device("cpu"))
     if use_ray:
         import ray.train.torch
 
         module = ray.train.torch.prepare_model(module)
     dataset = CropDataset(root, cfg, length=(steps + WARMUP) * cfg.data.batch_size)
-    state = TrainState()
     start = None
     for k, (images, targets, _) in enumerate(epoch_batches(crop_loader(dataset), 0)):
         if k == WARMUP:
@@ -95,16 +91,16 @@ def plain_epochs(cfg, root: str) -> list[float]:
     """Wall seconds of each epoch of training steps + evaluation, without Ray."""
     from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
     from cabb_ray.data.panoptic_format import load_split
-    from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
-    from cabb_ray.losses.balancing import LossBalancer, host_values
-    from cabb_ray.model.network import build_model
+    from cabb_ray.engine import evaluate, train_step
+    from cabb_ray.losses.balancing import host_values
+    from cabb_ray.run_state import build_training
 
-    torch.manual_seed(cfg.run.seed)
     val = load_split(root, cfg.data.val_split)
-    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss))
-    optimizer, scheduler = make_optimizer(module, cfg)
+    module, optimizer, scheduler, _, state = build_training(
+        cfg, val.categories, torch.device("cpu")
+    )
     loader = crop_loader(CropDataset(root, cfg))
-    state, seconds = TrainState(), []
+    seconds = []
     for epoch in range(cfg.optim.epochs):
         start = time.perf_counter()
         for images, targets, _ in epoch_batches(loader, epoch):

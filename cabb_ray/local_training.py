@@ -16,9 +16,9 @@ import torch
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
 from cabb_ray.data.panoptic_format import load_split
-from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
-from cabb_ray.losses.balancing import LossBalancer, host_values
-from cabb_ray.model.network import build_model
+from cabb_ray.engine import TrainModule, evaluate, train_step
+from cabb_ray.losses.balancing import host_values
+from cabb_ray.run_state import build_training
 
 
 @dataclass
@@ -41,11 +41,8 @@ def train_locally(
     """Train ``optim.epochs * optim.steps_per_epoch`` steps on one process, evaluating on the
     validation split after each step number in ``evaluate_at``."""
     device = torch.device("cpu")
-    torch.manual_seed(cfg.run.seed)
     val = load_split(root, cfg.data.val_split)
-    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss))
-    optimizer, scheduler = make_optimizer(module, cfg)
-    state = TrainState()
+    module, optimizer, scheduler, _, state = build_training(cfg, val.categories, device)
     run = LocalRun(module)
     total = cfg.optim.epochs * cfg.optim.steps_per_epoch
     dataset = CropDataset(root, cfg, split=cfg.data.train_split)

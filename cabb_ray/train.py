@@ -33,36 +33,6 @@ from cabb_ray.metrics.evaluator import METRIC_NAMES
 # Reported to Ray (and a search's Tune) in this order, which Tune's progress table follows;
 # size-bin APs and counts go to MLflow only.
 REPORT_FIRST = ("pq", "pc", "pq_th", "pq_st")
-# TrainState fields checkpointed
-STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics", "train_seconds")
-
-
-def _restore(module, optimizer, scheduler, scaler, state, payload: dict[str, Any]) -> None:
-    from cabb_ray.engine import set_rng_state
-
-    module.model.load_state_dict(payload["model"])
-    module.balancer.load_state_dict(payload["balancer"])
-    optimizer.load_state_dict(payload["optimizer"])  # casts its state to the params' device
-    scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload.get("scaler"):
-        scaler.load_state_dict(payload["scaler"])
-    for key in STATE_KEYS:
-        if key in payload["state"]:  # checkpoints written before a key existed lack it
-            setattr(state, key, payload["state"][key])
-    set_rng_state(payload["rng"])
-
-
-def _checkpoint_payload(module, optimizer, scheduler, scaler, state) -> dict[str, Any]:
-    from cabb_ray.engine import rng_state
-
-    return {
-        "balancer": module.balancer.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "state": {key: getattr(state, key) for key in STATE_KEYS},
-        "rng": rng_state(),
-    }
 
 
 def _maybe_die(fault: dict[str, Any] | None, rank: int, step: int) -> None:
@@ -87,10 +57,10 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
     from cabb_ray.data.panoptic_format import load_split
-    from cabb_ray.engine import TrainModule, TrainState, evaluate, make_optimizer, train_step
-    from cabb_ray.losses.balancing import LossBalancer, host_values
+    from cabb_ray.engine import evaluate, train_step
+    from cabb_ray.losses.balancing import host_values
     from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
-    from cabb_ray.model.network import build_model
+    from cabb_ray.run_state import build_training, checkpoint_payload
     from cabb_ray.tracking import RunLogger
 
     cfg = config_from_dict(loop["config"])
@@ -103,20 +73,15 @@ def train_loop(loop: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     val = load_split(loop["root"], cfg.data.val_split)
-    torch.manual_seed(cfg.run.seed)
-    # On the device before the optimizer exists and before a checkpoint is restored, so that
-    # restored momentum buffers land next to their parameters.
-    module = TrainModule(build_model(cfg, val.categories), LossBalancer(cfg.loss)).to(device)
-    optimizer, scheduler = make_optimizer(module, cfg)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.optim.amp else None
-    state = TrainState()
+    payload = None
     resume = ray.train.get_checkpoint()
-    if resume is not None:
+    if resume is not None:  # Ray Train's own restart after a failure
         with resume.as_directory() as folder:
             payload = load_checkpoint(Path(folder) / "checkpoint.pt")
-            _restore(module, optimizer, scheduler, scaler, state, payload)
     elif loop.get("resume"):
-        _restore(module, optimizer, scheduler, scaler, state, load_checkpoint(loop["resume"]))
+        payload = load_checkpoint(loop["resume"])
+    parts = build_training(cfg, val.categories, device, payload)
+    module, optimizer, scheduler, scaler, state = parts
     module = ray.train.torch.prepare_model(module)
     inner = module.module if hasattr(module, "module") else module
     logger = RunLogger(loop["mlflow_uri"], loop["run_id"]) if rank == 0 else None
@@ -185,7 +150,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                     inner.model,
                     cfg,
                     val.categories,
-                    **_checkpoint_payload(inner, optimizer, scheduler, scaler, state),
+                    **checkpoint_payload(parts),
                 )
                 phases.done("checkpoint")
                 if evaluating:

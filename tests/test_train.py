@@ -357,3 +357,62 @@ def test_logged_values_stay_on_the_device_until_logged():
     assert numbers["raw/roi_box"] == pytest.approx(LOSS_TERMS.index("roi_box") + 1)
     assert numbers["loss"] == pytest.approx(sum(range(1, 7)))
     assert numbers["lr"] == values["lr"]
+
+
+def test_restored_optimizer_state_follows_the_module_to_its_device(synthetic_root):
+    """Momentum buffers restored from a checkpoint must land on the module's device ("meta"
+    stands in for CUDA here: a restore before the move would leave them on the CPU)."""
+    import warnings
+
+    from cabb_ray.data.panoptic_format import load_split
+    from cabb_ray.run_state import build_training, checkpoint_payload
+
+    cfg = load_config("cpu_quickstart", ["model.pretrained=none"])
+    categories = load_split(synthetic_root, "val").categories
+    parts = build_training(cfg, categories, torch.device("cpu"))
+    for param in parts.module.parameters():
+        param.grad = torch.ones_like(param)
+    parts.optimizer.step()  # creates the momentum buffers
+    payload = {"model": parts.module.model.state_dict(), **checkpoint_payload(parts)}
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op, and says so
+        warnings.simplefilter("ignore")
+        moved = build_training(cfg, categories, torch.device("meta"), payload)
+    buffers = [
+        value
+        for state in moved.optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    ]
+    assert len(buffers) == len(list(moved.module.parameters()))
+    assert {b.device.type for b in buffers} == {"meta"}
+    assert {p.device.type for p in moved.module.parameters()} == {"meta"}
+
+
+def test_evaluation_sums_are_reduced_on_the_process_groups_device(monkeypatch):
+    """Under NCCL the evaluator must all-reduce a CUDA tensor (NCCL rejects CPU tensors)."""
+    import torch.distributed as dist
+
+    from cabb_ray.metrics import evaluator as module
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert module.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert module.collective_device() == torch.device("cpu")
+
+    class _Reduced(Exception):
+        pass
+
+    seen = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise _Reduced
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(module, "collective_device", lambda: torch.device("meta"))
+    categories = [{"id": 1, "name": "car", "isthing": 1}, {"id": 2, "name": "road", "isthing": 0}]
+    with pytest.raises(_Reduced):
+        module.PanopticEvaluator(categories).all_reduce()
+    assert seen == [torch.device("meta")]

@@ -52,6 +52,17 @@ METRIC_NAMES = (
 )
 
 
+def collective_device():
+    """Where tensors for torch.distributed collectives must live: NCCL (Ray Train's backend on
+    GPUs) reduces only CUDA tensors, gloo only CPU ones."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass
 class EvaluationResult:
     """Dataset metrics, per-class rows and the size bins used for mask AP."""
@@ -188,10 +199,8 @@ class PanopticEvaluator:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        # NCCL (Ray's backend on GPUs) reduces only CUDA tensors; gloo only CPU ones.
-        on_gpu = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
-        sums = torch.from_numpy(np.append(self.panoptic.flat(), self.images)).to(device)
+        sums = torch.from_numpy(np.append(self.panoptic.flat(), self.images))
+        sums = sums.to(collective_device())
         dist.all_reduce(sums)
         values = sums.cpu().numpy()
         self.panoptic.load_flat(values[:-1])
