@@ -174,6 +174,7 @@ def build_trainer(
     )
     from ray.train.torch import TorchTrainer
 
+    from cabb_ray.tracking_relay import worker_tracking_uri
     from cabb_ray.train import train_loop
 
     storage = str(storage)
@@ -186,7 +187,7 @@ def build_trainer(
             "config": config_to_dict(cfg),
             "root": str(Path(root).resolve()),
             "run_id": run_id,
-            "mlflow_uri": uri,
+            "mlflow_uri": worker_tracking_uri(uri),  # a relay where workers cannot reach it
             "resume": resume,
             "fault": fault,
             "eval_epochs": sorted(set(eval_epochs or [])),

@@ -81,15 +81,27 @@ def check_tracking(uri: str) -> str:
     return uri
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage);
+# marked as model training, it opens on the runs table with their metrics and parent/child
+# grouping.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(uri: str, experiment: str) -> str:
-    """Id of the named experiment, created with an absolute artifact location if missing."""
+    """Id of the named experiment, created with an absolute artifact location if missing, and
+    marked as a model-training experiment for the UI."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    if found is None:
+        return client.create_experiment(
+            experiment, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND
+        )
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:  # created by an older version or another tool
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def start_run(
@@ -127,7 +139,10 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(uri)
+        from cabb_ray.tracking_relay import RELAY_SCHEME, RelayedClient
+
+        # relay://: a Ray actor on the head logs for a worker that cannot reach the server
+        self.client = RelayedClient(uri) if uri.startswith(RELAY_SCHEME) else MlflowClient(uri)
         self.run_id = run_id
 
     def _tolerant(self, what: str, write, *args) -> bool:

@@ -1,0 +1,108 @@
+"""MLflow for training workers that cannot reach the tracking server themselves.
+
+On a cluster the MLflow server listens on the head node's 127.0.0.1 only (``cluster/*.yaml``:
+never open to the network), and the trial drivers that create the runs live on the head too.
+Ray Train workers on GPU nodes cannot reach 127.0.0.1 of the head, so their MLflow calls go
+through a Ray actor pinned to the head (the node that starts the training run): the worker's
+tracking URI becomes ``relay://<actor name>``, and ``RunLogger`` sends each call there, files
+as bytes. Local runs and remote tracking servers (``http://host:5000``, databricks) are used
+directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+RELAY_SCHEME = "relay://"
+NAMESPACE = "cabb_ray"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def needs_relay(uri: str) -> bool:
+    """A tracking server on this machine's loopback, which other nodes cannot reach."""
+    return uri.startswith(("http://", "https://")) and urlparse(uri).hostname in LOOPBACK_HOSTS
+
+
+def worker_tracking_uri(uri: str) -> str:
+    """The tracking URI to hand to Ray Train workers: ``uri`` itself, or on a cluster with a
+    loopback server, a relay actor pinned to this node (started once, shared by every run)."""
+    from cabb_ray.launch import on_cluster
+
+    if not (on_cluster() and needs_relay(uri)):
+        return uri
+    return start_relay(uri)
+
+
+def start_relay(uri: str) -> str:
+    """Start (or find) the relay actor for ``uri`` on this node; returns its ``relay://`` URI."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = "mlflow_relay_" + hashlib.sha1(uri.encode()).hexdigest()[:12]
+    here = ray.get_runtime_context().get_node_id()
+    relay = (
+        ray.remote(MlflowRelay)
+        .options(
+            name=name,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",  # outlives the run that started it: others share it
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        )
+        .remote(uri)
+    )
+    ray.get(relay.ping.remote())
+    return RELAY_SCHEME + name
+
+
+class MlflowRelay:
+    """The Ray actor: an MlflowClient on the node that reaches the server."""
+
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+
+    def ping(self) -> bool:
+        return True
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.client, method)(*args, **kwargs)
+
+    def log_artifact_bytes(
+        self, run_id: str, name: str, data: bytes, artifact_path: str | None
+    ) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / name
+            path.write_bytes(data)
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+class RelayedClient:
+    """What ``RunLogger`` uses instead of an MlflowClient for a ``relay://`` URI: the same
+    methods, carried out by the relay actor."""
+
+    def __init__(self, uri: str):
+        import ray
+
+        self.actor = ray.get_actor(uri[len(RELAY_SCHEME) :], namespace=NAMESPACE)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None):
+        import ray
+
+        path = Path(local_path)
+        data = path.read_bytes()
+        ray.get(self.actor.log_artifact_bytes.remote(run_id, path.name, data, artifact_path))
+
+    def __getattr__(self, method: str):
+        import ray
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return ray.get(self.actor.call.remote(method, *args, **kwargs))
+
+        return call
