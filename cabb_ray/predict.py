@@ -72,14 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cabb_ray.model.checkpoint import model_from_checkpoint
 
     files = _images(args.images)
-    wanted = None
+    wanted, ids_by_file = None, {}
     if args.categories:
         try:
-            wanted = json.loads(args.categories.read_text())["categories"]
+            dataset = json.loads(args.categories.read_text())
+            wanted = dataset["categories"]
         except (OSError, ValueError, KeyError):
             raise CabbRayError(
                 f"{args.categories}: expected a dataset JSON with 'categories'"
             ) from None
+        # the dataset's own image ids, so that cabb_ray.evaluate matches predictions to it
+        ids_by_file = {Path(i["file_name"]).name: i["id"] for i in dataset.get("images", [])}
     model, cfg, categories = model_from_checkpoint(args.checkpoint, wanted)
     device = torch.device(args.device)
     model.to(device).eval()
@@ -98,11 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         Image.fromarray(overlay(rgb, prediction.ids, prediction.segments, colors)).save(
             args.out / "overlays" / f"{path.stem}.jpg", quality=90
         )
+        image_id = ids_by_file.get(path.name, path.stem)
         images.append(
-            {"id": path.stem, "file_name": path.name, "height": rgb.shape[0], "width": rgb.shape[1]}
+            {"id": image_id, "file_name": path.name, "height": rgb.shape[0], "width": rgb.shape[1]}
         )
         annotations.append(
-            {"image_id": path.stem, "file_name": png, "segments_info": prediction.segments}
+            {"image_id": image_id, "file_name": png, "segments_info": prediction.segments}
         )
         report(n, len(files))
     result = {"images": images, "annotations": annotations, "categories": categories}

@@ -106,3 +106,15 @@ def test_bad_numbers_are_rejected_by_argparse(tmp_path, capsys):
         main(["synth", "--out", str(tmp_path), "--height", "0"])
     assert exit_info.value.code == 2
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_a_relative_data_root_resolves_to_an_absolute_path(synthetic_root, monkeypatch):
+    """Tune trials and Ray workers run in other working directories: the root they get must
+    not depend on the directory the command was started in."""
+    from cabb_ray.config import load_config
+    from cabb_ray.data.resolve import resolve_dataset_root
+
+    monkeypatch.chdir(synthetic_root.parent)
+    cfg = load_config("cpu_quickstart", [f"data.root={synthetic_root.name}"])
+    root = resolve_dataset_root(cfg.data)
+    assert root.is_absolute() and root == synthetic_root.resolve()

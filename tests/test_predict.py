@@ -108,8 +108,13 @@ def test_predict_writes_pngs_json_and_overlays(synthetic_root, checkpoint, tmp_p
         # input size: areas describe the stored map
         for s in ann["segments_info"]:
             assert s["area"] == int((ids == s["id"]).sum())
-        assert (out / "overlays" / f"{ann['image_id']}.jpg").is_file()
+        assert (out / "overlays" / ann["file_name"].replace(".png", ".jpg")).is_file()
         assert ids.shape == (128, 256)
+    # with --categories, the dataset's own image ids: cabb_ray.evaluate matches them
+    gt = json.loads((synthetic_root / "val.json").read_text())
+    assert sorted(a["image_id"] for a in result["annotations"]) == sorted(
+        i["id"] for i in gt["images"]
+    )
 
 
 def test_predict_bad_input(synthetic_root, checkpoint, tmp_path, capsys):

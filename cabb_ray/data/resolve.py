@@ -31,7 +31,8 @@ def resolve_dataset_root(data: DataConfig, verbose: bool = True) -> Path:
         text = os.path.expandvars(data.root)  # e.g. $CABB_RAY_DATA_ROOT on a cluster
         if "$" in text:
             raise CabbRayError(f"data.root {data.root}: environment variable not set")
-        root = Path(text).expanduser()
+        # absolute: Ray workers and Tune trials run in other working directories
+        root = Path(text).expanduser().resolve()
         for split in (data.train_split, data.val_split):
             if not split_json_path(root, split).is_file():
                 raise CabbRayError(

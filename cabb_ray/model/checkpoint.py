@@ -39,7 +39,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file, or the folder holding its ``checkpoint.pt`` (a Ray Train checkpoint,
+    MLflow's ``best/``)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise CabbRayError(f"{path}: checkpoint not found")
     try:
