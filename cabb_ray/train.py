@@ -322,7 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (run.gpu)")
-    parser.add_argument("--mlflow-uri", help="tracking URI (run.mlflow_uri)")
+    parser.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="tracking URI (default: $MLFLOW_TRACKING_URI, else run.mlflow_uri)",
+    )
     parser.add_argument("--experiment", help="MLflow experiment (run.experiment)")
     parser.add_argument("--resume", help="checkpoint.pt (or its folder) to continue from")
     parser.add_argument("--name", help="run name, new in run.output_dir (default: a timestamp)")

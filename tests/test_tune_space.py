@@ -306,3 +306,21 @@ def test_pareto_front_keeps_non_dominated_rows():
     assert list(front["trial"]) == ["a", "b"]
     front_min = pareto_front(table, ["pq", "pc"], ["min", "max"])
     assert set(front_min["trial"]) == {"b", "c"}
+
+
+def test_cluster_environment_supplies_storage_and_tracking_uri(tmp_path, monkeypatch, capsys):
+    """On a cluster head (cluster/*.yaml) CABB_RAY_STORAGE and MLFLOW_TRACKING_URI stand in
+    for --storage and --mlflow-uri."""
+    from cabb_ray.errors import run_cli
+    from cabb_ray.tune.cli import main as tune_main
+
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CABB_RAY_STORAGE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://tracking-from-env")
+    with pytest.raises(SystemExit):
+        run_cli(tune_main, ["--space", str(space), "--resume"])
+    assert f"no search of {space} in {tmp_path / 'store'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(tune_main, ["--space", str(space)])
+    assert "--mlflow-uri ftp://tracking-from-env: expected sqlite" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """``python -m cabb_ray.tune``: a hyper-parameter search on Ray Tune, Optuna and MLflow.
 
     python -m cabb_ray.tune --space search_spaces/quickstart.yaml [--name NAME] [--resume]
-        [--num-samples N] [--address ADDR] [--storage PATH] [--mlflow-uri URI]
+        [--num-samples N] [--address ADDR] [--storage PATH|s3://...] [--mlflow-uri URI]
         [--experiment NAME] [--set KEY=VALUE ...] [--verbose]
 
 The space file (``search_spaces/README.md``) is validated whole before Ray starts. Each trial
@@ -42,8 +42,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num-samples", type=int, help="trials in all (overrides the file)")
     parser.add_argument("--address", help="Ray cluster to join ('auto'; default: RAY_ADDRESS)")
-    parser.add_argument("--storage", help="folder or s3:// URI for results (run.output_dir)")
-    parser.add_argument("--mlflow-uri", help="tracking URI (run.mlflow_uri)")
+    parser.add_argument(
+        "--storage",
+        help="folder or s3:// URI for results (default: $CABB_RAY_STORAGE, else run.output_dir)",
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        help="tracking URI (default: the search's own when resuming, else $MLFLOW_TRACKING_URI, "
+        "else run.mlflow_uri)",
+    )
     parser.add_argument("--experiment", help="MLflow experiment (default: space file name)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--top", type=int, default=10, help="leaderboard rows printed")
@@ -101,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cabb_ray.tune.space import load_space
 
     overrides = list(args.set)
-    if args.storage:
-        overrides.append(f"run.output_dir={args.storage}")
+    storage = args.storage or os.environ.get("CABB_RAY_STORAGE")  # set on cluster nodes
+    if storage:
+        overrides.append(f"run.output_dir={storage}")
     spec = load_space(args.space, overrides)
     if args.num_samples is not None:
         spec.set_num_samples(args.num_samples, "--num-samples")
@@ -138,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{started_with} trials, which a resume keeps"
             )
         spec.num_samples = started_with
-    cfg, uri, root = prepare(cfg, args.mlflow_uri or state.get("mlflow_uri"), experiment)
+    uri = args.mlflow_uri or state.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    cfg, uri, root = prepare(cfg, uri, experiment)
 
     from cabb_ray.tune.driver import Search
 
