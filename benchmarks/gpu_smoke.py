@@ -33,6 +33,7 @@ from cabb_ray.data.crop_dataset import CropDataset, collate_crops
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.data.synthetic import write_synthetic_dataset
 from cabb_ray.engine import evaluate, train_step
+from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.balancing import host_values
 from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
 from cabb_ray.run_state import build_training, checkpoint_payload
@@ -88,10 +89,16 @@ def batch(dataset: CropDataset, k: int, device: torch.device):
 
 
 def step_loss(module, optimizer, scheduler, scaler, images, targets, state, cfg) -> float:
-    values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
-    if values is None:
-        raise SmokeFailure(f"step {state.step + 1} was skipped (non-finite loss or gradients)")
-    return host_values(values)["loss"]
+    """One step's loss. With AMP, a step the GradScaler skips while it calibrates its scale
+    (normal on the first steps) is taken again on the same batch, up to
+    ``optim.max_nonfinite_steps`` in a row (then train_step raises)."""
+    while True:
+        values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
+        if values is not None:
+            return host_values(values)["loss"]
+        if scaler is None:
+            raise SmokeFailure(f"step {state.step + 1} was skipped (non-finite loss or gradients)")
+        print(f"step {state.step + 1}: skipped by the GradScaler, scale now {scaler.get_scale()}")
 
 
 def check_on_device(module, optimizer, device: torch.device) -> None:
@@ -178,7 +185,7 @@ def main() -> int:
             print(json.dumps(resumed_run(Path(args.root), device, Path(args.resume))))
             return 0
         return smoke(args, device)
-    except SmokeFailure as failure:
+    except (SmokeFailure, CabbRayError) as failure:
         print(f"gpu_smoke: FAILED: {failure}", file=sys.stderr)
         return 1
     finally:

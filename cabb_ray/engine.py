@@ -133,7 +133,8 @@ def train_step(
     itself and lowers its scale; such steps count as skipped too, so a scale that never
     recovers stops the run after ``optim.max_nonfinite_steps`` instead of training nothing.
 
-    Two host synchronisations per step: the two finiteness decisions."""
+    Two host synchronisations per step, the two finiteness decisions (with AMP a third: the
+    GradScaler's own check of its inf flag)."""
     device = images[0].device
     with torch.autocast(device.type, enabled=scaler is not None):
         total, info = module(images, targets)
@@ -167,9 +168,11 @@ def train_step(
 
 
 def rng_state() -> dict[str, Any]:
+    """The random states of this process. On CUDA only the current device's: Ray Train shows
+    every worker all GPUs of its node, and a restart may land on a node with fewer of them."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
@@ -177,8 +180,13 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(saved: dict[str, Any]) -> None:
     torch.set_rng_state(saved["torch"])
-    if saved.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
+    cuda = saved.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # older checkpoints: one state per visible device
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     np.random.set_state(saved["numpy"])
     random.setstate(saved["python"])
 

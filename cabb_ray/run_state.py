@@ -15,6 +15,7 @@ import torch
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.engine import TrainModule, TrainState, make_optimizer, rng_state, set_rng_state
+from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.balancing import LossBalancer
 from cabb_ray.model.network import build_model
 
@@ -58,6 +59,13 @@ def build_training(
 def restore(parts: TrainingParts, payload: dict[str, Any]) -> None:
     parts.module.model.load_state_dict(payload["model"])
     parts.module.balancer.load_state_dict(payload["balancer"])
+    saved_groups = len(payload["optimizer"]["param_groups"])
+    if saved_groups != len(parts.optimizer.param_groups):
+        raise CabbRayError(
+            f"checkpoint: its optimizer has {saved_groups} parameter group(s), this version "
+            f"{len(parts.optimizer.param_groups)} (the uncertainty log-variances now train "
+            "without weight decay); it still predicts and evaluates, but cannot resume training"
+        )
     parts.optimizer.load_state_dict(payload["optimizer"])  # casts its state to the params'
     parts.scheduler.load_state_dict(payload["scheduler"])
     if parts.scaler is not None and payload.get("scaler"):

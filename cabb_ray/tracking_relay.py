@@ -5,8 +5,8 @@ never open to the network), and the trial drivers that create the runs live on t
 Ray Train workers on GPU nodes cannot reach 127.0.0.1 of the head, so their MLflow calls go
 through a Ray actor pinned to the head (the node that starts the training run): the worker's
 tracking URI becomes ``relay://<actor name>``, and ``RunLogger`` sends each call there, files
-as bytes. Local runs and remote tracking servers (``http://host:5000``, databricks) are used
-directly.
+as bytes. The same holds for a sqlite file on the head. Local runs and tracking servers every
+node reaches (``http://host:5000``, databricks) are used directly.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def needs_relay(uri: str) -> bool:
-    """A tracking server on this machine's loopback, which other nodes cannot reach."""
+    """A store only this machine reaches: a server on its loopback, or a local sqlite file
+    (another node would open a new, empty database of the same name)."""
+    if uri.startswith("sqlite:"):
+        return True
     return uri.startswith(("http://", "https://")) and urlparse(uri).hostname in LOOPBACK_HOSTS
 
 
 def worker_tracking_uri(uri: str) -> str:
     """The tracking URI to hand to Ray Train workers: ``uri`` itself, or on a cluster with a
-    loopback server, a relay actor pinned to this node (started once, shared by every run)."""
+    store only this node reaches, a relay actor pinned to this node (started once, shared by
+    every run)."""
     from cabb_ray.launch import on_cluster
 
     if not (on_cluster() and needs_relay(uri)):
@@ -52,6 +56,7 @@ def start_relay(uri: str) -> str:
             get_if_exists=True,
             lifetime="detached",  # outlives the run that started it: others share it
             num_cpus=0,
+            max_concurrency=4,  # one trial's artifact upload does not hold up the others
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         )
         .remote(uri)
@@ -88,21 +93,31 @@ class RelayedClient:
     methods, carried out by the relay actor."""
 
     def __init__(self, uri: str):
+        self.name = uri[len(RELAY_SCHEME) :]
+        self._actor = None
+
+    def _relay(self):
+        """Looked up on first use, so that a missing relay fails a logging call (retried,
+        then dropped with a warning), not the worker."""
         import ray
 
-        self.actor = ray.get_actor(uri[len(RELAY_SCHEME) :], namespace=NAMESPACE)
+        if self._actor is None:
+            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
+        return self._actor
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None):
         import ray
 
         path = Path(local_path)
         data = path.read_bytes()
-        ray.get(self.actor.log_artifact_bytes.remote(run_id, path.name, data, artifact_path))
+        ray.get(self._relay().log_artifact_bytes.remote(run_id, path.name, data, artifact_path))
 
     def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
         import ray
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return ray.get(self.actor.call.remote(method, *args, **kwargs))
+            return ray.get(self._relay().call.remote(method, *args, **kwargs))
 
         return call

@@ -334,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     args = parser.parse_args(argv)
 
-    overrides = list(args.set)
+    # on a cluster head (cluster/*.yaml) results go to the shared storage unless --set says so
+    storage = os.environ.get("CABB_RAY_STORAGE")
+    overrides = [*([f"run.output_dir={storage}"] if storage else []), *args.set]
     if args.workers is not None:
         overrides.append(f"run.workers={args.workers}")
     if args.gpu:

@@ -35,6 +35,7 @@ def test_cluster_files_pass_rays_validation(name):
     assert "--host 127.0.0.1" in commands and "--dashboard-host=127.0.0.1" in commands
     assert "0.0.0.0" not in commands  # nothing listens on every interface
     assert any("pip install" in c and "/home/ray/cabb_ray" in c for c in prepared["setup_commands"])
+    assert {"data", ".venv", "runs"} <= set(prepared["rsync_exclude"])  # not shipped to nodes
 
 
 def test_aws_keeps_trial_drivers_on_the_head_and_off_spot_nodes():

@@ -54,7 +54,8 @@ def test_loopback_servers_need_a_relay_only_on_a_cluster(monkeypatch):
     from cabb_ray.tracking_relay import needs_relay, worker_tracking_uri
 
     assert needs_relay("http://127.0.0.1:5000") and needs_relay("http://localhost:5000")
-    assert not needs_relay("http://10.0.0.10:5000") and not needs_relay("sqlite:///m.db")
+    assert needs_relay("sqlite:////home/ray/mlflow.db")  # a file on the head only
+    assert not needs_relay("http://10.0.0.10:5000") and not needs_relay("databricks")
     monkeypatch.setattr(cabb_ray.launch, "on_cluster", lambda *a: False)
     assert worker_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setattr(cabb_ray.launch, "on_cluster", lambda *a: True)

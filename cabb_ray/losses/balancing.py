@@ -16,7 +16,7 @@ detached tensors (turned into numbers only when they are logged, in one transfer
   batch has gradient 1 in s and would otherwise push its s down without bound.
 * ``normalized``: total = sum_i w_i L_i / max(m_i, ``loss.normalized_floor``), where m_i is a
   bias-corrected exponential running mean of L_i (as in Adam: zero-initialised, divided by
-  1 - momentum^t), so every term contributes on the same scale whatever its natural size.
+  1 - momentum^t), so every term above the floor contributes on the scale of its weight.
   Under DDP the running means are updated from the mean over ranks: every rank all-reduces on
   every step (a rank with a non-finite term sends a flag instead of skipping the collective),
   and no rank updates when any rank's terms are not finite, so all ranks keep the same
@@ -59,8 +59,7 @@ class LossBalancer(nn.Module):
 
     def running_mean(self) -> Tensor:
         """Bias-corrected running mean of each term (zeros before the first update)."""
-        momentum = torch.tensor(self.momentum, device=self.running.device)
-        correction = 1 - torch.pow(momentum, self.seen)
+        correction = 1 - self.momentum**self.seen  # a float base: no host-to-device copy
         return torch.where(self.seen > 0, self.running / correction.clamp_min(1e-12), self.running)
 
     def effective_weights(self) -> Tensor:
