@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,23 +11,16 @@ from tests.test_tune import common_args, tiny_space
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analyze_search.ipynb"
 
 
-def _execute(env: dict[str, str], cwd: Path):
+def _execute(env: dict[str, str], cwd: Path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(
-            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
-        ).execute()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    for key, value in env.items():  # the kernel inherits this process's environment
+        monkeypatch.setenv(key, value)
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
     return notebook
 
 
@@ -59,7 +51,12 @@ def test_notebook_shows_every_section_of_a_real_search(tmp_path, monkeypatch):
             "data.crop_size": {"choice": [[64, 96], [96, 96]]},
         },
     )
-    assert tune_main(["--space", str(space), *common_args(tmp_path), "--name", "nb1"]) == 0
+    import ray
+
+    try:
+        assert tune_main(["--space", str(space), *common_args(tmp_path), "--name", "nb1"]) == 0
+    finally:
+        ray.shutdown()  # the in-process search leaves Ray up; later tests start their own
     notebook = _execute(
         {
             "CABB_RAY_MLFLOW_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -67,6 +64,7 @@ def test_notebook_shows_every_section_of_a_real_search(tmp_path, monkeypatch):
             "CABB_RAY_SEARCH": "nb1",
         },
         tmp_path,
+        monkeypatch,
     )
     text = _outputs(notebook)
     assert "search nb1: 3 trials, 3 evaluated" in text
@@ -82,7 +80,7 @@ def test_notebook_shows_every_section_of_a_real_search(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_notebook_fails_loudly_without_a_search(tmp_path):
+def test_notebook_fails_loudly_without_a_search(tmp_path, monkeypatch):
     from nbclient.exceptions import CellExecutionError
 
     from cabb_ray.config import load_config
@@ -91,4 +89,6 @@ def test_notebook_fails_loudly_without_a_search(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     start_run(load_config("cpu_quickstart"), uri, "plain")  # a training run, no search
     with pytest.raises(CellExecutionError, match="no search in experiment 'plain'"):
-        _execute({"CABB_RAY_MLFLOW_URI": uri, "CABB_RAY_EXPERIMENT": "plain"}, tmp_path)
+        _execute(
+            {"CABB_RAY_MLFLOW_URI": uri, "CABB_RAY_EXPERIMENT": "plain"}, tmp_path, monkeypatch
+        )

@@ -72,6 +72,7 @@ def test_a_worker_logs_through_the_relay_actor(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_run(load_config("cpu_quickstart"), uri, "relayed")
+    ray.shutdown()  # whatever an earlier test left running
     ray.init(num_cpus=1, include_dashboard=False)
     try:
         relay_uri = start_relay(uri)
