@@ -210,7 +210,9 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path):
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def one_finished() -> bool:
-        if not (tmp_path / "mlflow.db").exists():
+        # Open the database only once the search has created it (its start line follows
+        # start_run): two processes creating MLflow's tables at once collide in alembic.
+        if "MLflow experiment" not in (tmp_path / "first.log").read_text():
             return False
         try:
             _, _, kids = children(tmp_path, "resume")
