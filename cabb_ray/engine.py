@@ -224,9 +224,12 @@ def predict_image(
     prediction = panoptic_fusion(detection, classes, cfg.eval)
     shape = image.shape[:2]
     if prediction.ids.shape != shape:
+        sy, sx = shape[0] / prediction.ids.shape[0], shape[1] / prediction.ids.shape[1]
         prediction.ids = _upsampled_ids(prediction.ids, shape)
         for inst in prediction.instances:
             inst["mask"] = _upsampled_ids(inst["mask"], shape)
+            x0, y0, x1, y1 = inst["box"]
+            inst["box"] = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
         # areas and boxes of the upsampled map (scores and categories carry over)
         meta = {s["id"]: s for s in prediction.segments}
         prediction.segments = [

@@ -562,6 +562,73 @@ def test_mask_ap_from_overlapping_instances():
     assert ev.compute().metrics["map"] < 0.6  # half the cars missed
 
 
+def test_box_ap_scores_the_detector_boxes_per_size_bin():
+    """Box AP uses each instance's own box, not its mask's: exact boxes give AP 1 in every
+    size bin; a box cut to half the large car's width (as crop training without CABB
+    regresses it) misses at IoU 0.5 in the largest bin only, while mask AP is unchanged."""
+    gt = np.zeros((40, 40), np.int64)
+    gt[0:2, 0:2] = 26001  # small car (4 px)
+    gt[10:30, 0:40] = 26002  # large car (800 px)
+    gt_segs = [seg(26001, CAR), seg(26002, CAR)]
+    exact = [
+        {"category_id": CAR, "score": 0.9, "mask": gt == 26001, "box": [0, 0, 2, 2]},
+        {"category_id": CAR, "score": 0.8, "mask": gt == 26002, "box": [0, 10, 40, 30]},
+    ]
+    ev = PanopticEvaluator(CATEGORIES)
+    ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=exact)
+    metrics = ev.compute().metrics
+    assert metrics["box_map"] == pytest.approx(1.0)
+    assert metrics["box_map_p99-100"] == pytest.approx(1.0)
+    cut = [exact[0], {**exact[1], "box": [0, 10, 18, 30]}]  # IoU 0.45 with the GT box
+    ev = PanopticEvaluator(CATEGORIES)
+    ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=cut)
+    metrics = ev.compute().metrics
+    assert metrics["box_map_p99-100"] == pytest.approx(0.0)
+    assert metrics["box_map_p0-50"] == pytest.approx(1.0)
+    assert metrics["map_p99-100"] == pytest.approx(1.0)  # the masks are still exact
+
+
+def test_box_ap_matches_cocoeval_bbox(synthetic_root, tmp_path):
+    """Without detector boxes, box AP scores the segments' boxes exactly as COCOeval does."""
+    categories, pairs = _fake_pairs(synthetic_root, tmp_path)
+    ev = PanopticEvaluator(categories)
+    things = {c["id"] for c in categories if c["isthing"]}
+    gts, dets, images = [], [], []
+    for n, (image_id, gt, gt_segs, pred, pred_segs) in enumerate(pairs, 1):
+        ev.update(image_id, gt, gt_segs, pred, pred_segs)
+        images.append({"id": n, "height": gt.shape[0], "width": gt.shape[1]})
+        for ids, segs, out in ((gt, gt_segs, gts), (pred, pred_segs, dets)):
+            for s in segs:
+                if s["category_id"] not in things:
+                    continue
+                rle = mask_utils.encode(np.asfortranarray((ids == s["id"]).astype(np.uint8)))
+                item = {"image_id": n, "category_id": s["category_id"]}
+                item["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+                if out is gts:
+                    item.update(
+                        id=len(gts) + 1, iscrowd=s["iscrowd"], area=float(mask_utils.area(rle))
+                    )
+                else:
+                    item["score"] = s["score"]
+                out.append(item)
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": gts,
+        "categories": [{"id": c} for c in sorted(things)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        check = COCOeval(coco, coco.loadRes(dets), iouType="bbox")
+        check.evaluate()
+        check.accumulate()
+        check.summarize()
+    result = ev.compute()
+    assert result.metrics["box_map"] == pytest.approx(check.stats[0], abs=1e-12)
+    assert result.metrics["box_map50"] == pytest.approx(check.stats[1], abs=1e-12)
+    assert len([k for k in result.metrics if k.startswith("box_map_p")]) == 5
+
+
 def test_unknown_ids_are_named_on_either_side():
     gt = np.full((3, 3), 7, np.int64)
     pred = gt.copy()

@@ -66,7 +66,7 @@ def test_valid_space_loads_with_defaults(tmp_path):
     assert spec.max_concurrent_trials == 1 and spec.max_failures == 1
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "loss_balance.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "loss_balance.yaml", "ablation.yaml"])
 def test_shipped_spaces_are_valid(name, monkeypatch):
     monkeypatch.setenv("CABB_RAY_DATA_ROOT", "/data/cityscapes")
     spec = load_space(REPO / "search_spaces" / name)
@@ -324,3 +324,70 @@ def test_cluster_environment_supplies_storage_and_tracking_uri(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         run_cli(tune_main, ["--space", str(space)])
     assert "--mlflow-uri ftp://tracking-from-env: expected sqlite" in capsys.readouterr().err
+
+
+ABLATION = {
+    "base": "cpu_quickstart",
+    "metric": "pq",
+    "scheduler": "none",
+    "searcher": {"type": "grid"},
+    "variants": {
+        "CROP": {"data.sampler": "cus", "loss.cabb_rpn": False},
+        "FULL": {"data.sampler": "full", "data.batch_size": 2},
+    },
+    "space": {"variant": {"grid": ["CROP", "FULL"]}, "run.seed": {"grid": [0, 1]}},
+}
+
+
+def test_variants_expand_into_each_trial_config(tmp_path):
+    spec = load_space(write_space(tmp_path, ABLATION))
+    assert spec.num_samples == 4 and list(spec.variants) == ["CROP", "FULL"]
+    cfg = trial_config(spec.config, {"variant": "FULL", "run.seed": 1}, spec.variants)
+    assert (cfg.data.sampler, cfg.data.batch_size, cfg.run.seed) == ("full", 2, 1)
+    assert cfg.loss.cabb_rpn is True  # the base's value where the variant says nothing
+    cfg = trial_config(spec.config, {"variant": "CROP", "run.seed": 0}, spec.variants)
+    assert (cfg.data.sampler, cfg.loss.cabb_rpn, cfg.data.batch_size) == ("cus", False, 8)
+    with pytest.raises(CabbRayError, match="variant 'NONE': not among CROP, FULL"):
+        trial_config(spec.config, {"variant": "NONE"}, spec.variants)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"variants": {"CROP": {"data.samplr": "cus"}}},
+            "variants.CROP: unknown config key 'data.samplr' (closest valid: data.sampler)",
+        ),
+        (
+            {"variants": {"CROP": {"data.sampler": "crop"}}},
+            "variants.CROP: data.sampler: got 'crop', expected one of",
+        ),
+        ({"variants": {"CROP": {"run.workers": 2}}}, "variants.CROP: run.workers: run.* keys"),
+        ({"variants": {"CROP": {"data.crop_size": [512, 512]}}}, "variants.CROP: data.crop_size"),
+        ({"variants": ...}, "space.variant: needs a top-level 'variants:' mapping"),
+        (
+            {"space": {"run.seed": {"grid": [0, 1]}}},
+            "variants: defined, but space has no 'variant' parameter",
+        ),
+        (
+            {"space": {"variant": {"grid": ["CROP", "CORP"]}}},
+            "space.variant: unknown variant 'CORP' (closest valid: CROP)",
+        ),
+        (
+            {"searcher": {"type": "random"}, "space": {"variant": {"uniform": [0, 1]}}},
+            "space.variant: expected choice or grid over variant names",
+        ),
+        ({"space": {"variant": {"grid": ["CROP"]}, "run.workers": {"grid": [1]}}}, "run.* keys"),
+    ],
+)
+def test_invalid_variants_are_one_line_naming_the_key(tmp_path, changes, message):
+    data = yaml.safe_load(yaml.safe_dump(ABLATION, sort_keys=False))
+    for key, value in changes.items():
+        if value is ...:
+            del data[key]
+        else:
+            data[key] = value
+    path = write_space(tmp_path, data)
+    with pytest.raises(CabbRayError) as info:
+        load_space(path)
+    assert message in str(info.value) and str(path) in str(info.value)

@@ -1,11 +1,13 @@
-"""Mask AP with pycocotools' COCOeval (iouType "segm"), overall and per instance-size bin.
+"""Mask AP and box AP with pycocotools' COCOeval (iouType "segm" and "bbox"), overall and per
+instance-size bin.
 
 COCOeval is not additive, so the accumulator keeps per-image RLE-encoded instances (a few
 hundred bytes each) that are concatenated across workers and evaluated once.
 
 Size bins, as in Fig. 5 of the CABB paper: percentiles of the non-crowd ground-truth instance
 areas of the evaluated set, [0, 50), [50, 75), [75, 90), [90, 99), [99, 100]. Large objects are
-where crop training hurts and CABB helps, so the last bins are the ones to watch.
+where crop training hurts and CABB helps, so the last bins are the ones to watch. Box AP
+scores the detector's boxes (CABB acts on box regression), binned by the same GT mask areas.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class MaskAPAccumulator:
         instances: list[dict[str, Any]] | None = None,
     ) -> None:
         """Add one image. Detections are the predicted thing segments, or, when given,
-        ``instances`` (overlapping masks with scores, as a detector outputs them)."""
+        ``instances`` (overlapping masks with scores, as a detector outputs them, each with
+        its ``box`` (x0, y0, x1, y1) when it has one; otherwise the mask's box is scored)."""
         height, width = gt_index.shape
         key = len(self.images) + 1  # COCO needs integer ids; strings are kept for reference
         self.images.append({"id": key, "image_id": str(image_id), "height": height, "width": width})
@@ -98,6 +101,7 @@ class MaskAPAccumulator:
                     int(i["category_id"]),
                     float(i["score"]),
                     mask_utils.encode(np.asfortranarray(i["mask"].astype(np.uint8))),
+                    _xywh(i.get("box")),
                 )
                 for i in instances
                 if int(i["category_id"]) in things
@@ -109,12 +113,19 @@ class MaskAPAccumulator:
                     int(pred_segments[k - 1]["category_id"]),
                     float(pred_segments[k - 1].get("score", 1.0)),
                     rle,
+                    None,
                 )
                 for k, rle in zip(pred_k, encode_segments(pred_index, pred_k), strict=True)
             ]
         self.dets += [
-            {"image_id": key, "category_id": c, "segmentation": rle, "score": score}
-            for c, score, rle in found
+            {
+                "image_id": key,
+                "category_id": c,
+                "segmentation": rle,
+                "score": score,
+                "bbox": box if box is not None else [float(v) for v in mask_utils.toBbox(rle)],
+            }
+            for c, score, rle, box in found
         ]
 
     def merge(self, other: MaskAPAccumulator) -> MaskAPAccumulator:
@@ -138,9 +149,10 @@ class MaskAPAccumulator:
         ]
 
     def compute(self) -> dict[str, float]:
-        """map, map50 and map_<bin> per size bin; NaN where there is nothing to evaluate."""
+        """map, map50 and map_<bin> (masks), box_map, box_map50 and box_map_<bin> (boxes) per
+        size bin; NaN where there is nothing to evaluate."""
         if not any(not g["iscrowd"] for g in self.gts):
-            return {"map": float("nan"), "map50": float("nan")}
+            return {k: float("nan") for k in ("map", "map50", "box_map", "box_map50")}
         gt = COCO()
         gt.dataset = {
             "images": [
@@ -152,29 +164,54 @@ class MaskAPAccumulator:
         bins = self.size_bins()
         with contextlib.redirect_stdout(io.StringIO()):
             gt.createIndex()
-            dt = gt.loadRes(self.dets) if self.dets else COCO()
-            if not self.dets:
-                dt.dataset = {
-                    "images": gt.dataset["images"],
-                    "annotations": [],
-                    "categories": gt.dataset["categories"],
-                }
-                dt.createIndex()
-            evaluator = COCOeval(gt, dt, iouType="segm")
-            evaluator.params.areaRng = [[0.0, 1e12]] + [[lo, hi] for _, lo, hi in bins]
-            evaluator.params.areaRngLbl = ["all"] + [n for n, _, _ in bins]
-            evaluator.evaluate()
-            evaluator.accumulate()
-        precision = evaluator.eval["precision"]  # [T, R, K, A, M]
-
-        def average(values: np.ndarray) -> float:
-            valid = values[values > -1]
-            return float(valid.mean()) if valid.size else float("nan")
-
-        results = {
-            "map": average(precision[:, :, :, 0, -1]),
-            "map50": average(precision[0, :, :, 0, -1]),
-        }
-        for a, (name, _, _) in enumerate(bins, start=1):
-            results[f"map_{name}"] = average(precision[:, :, :, a, -1])
+        results = {}
+        kinds = (("", "segm", "segmentation"), ("box_", "bbox", "bbox"))
+        for prefix, iou_type, field_name in kinds:
+            dets = [
+                {k: d[k] for k in ("image_id", "category_id", "score", field_name)}
+                for d in self.dets
+            ]
+            results.update(_evaluate(gt, dets, iou_type, bins, prefix))
         return results
+
+
+def _xywh(box: Any) -> list[float] | None:
+    if box is None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def _evaluate(
+    gt: COCO, dets: list[dict[str, Any]], iou_type: str, bins: list, prefix: str
+) -> dict[str, float]:
+    """COCOeval AP@[.5:.95], AP50 and AP per size bin for one kind of detection."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if dets:
+            dt = gt.loadRes(dets)
+        else:
+            dt = COCO()
+            dt.dataset = {
+                "images": gt.dataset["images"],
+                "annotations": [],
+                "categories": gt.dataset["categories"],
+            }
+            dt.createIndex()
+        evaluator = COCOeval(gt, dt, iouType=iou_type)
+        evaluator.params.areaRng = [[0.0, 1e12]] + [[lo, hi] for _, lo, hi in bins]
+        evaluator.params.areaRngLbl = ["all"] + [n for n, _, _ in bins]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+
+    def average(values: np.ndarray) -> float:
+        valid = values[values > -1]
+        return float(valid.mean()) if valid.size else float("nan")
+
+    results = {
+        f"{prefix}map": average(precision[:, :, :, 0, -1]),
+        f"{prefix}map50": average(precision[0, :, :, 0, -1]),
+    }
+    for a, (name, _, _) in enumerate(bins, start=1):
+        results[f"{prefix}map_{name}"] = average(precision[:, :, :, a, -1])
+    return results

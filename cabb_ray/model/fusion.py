@@ -45,10 +45,18 @@ def panoptic_fusion(
     masks = (detection["masks"][:, 0] > 0.5).cpu().numpy()
     scores = detection["scores"].cpu().numpy()
     labels = detection["labels"].cpu().numpy()
+    boxes = detection["boxes"].cpu().numpy()
     segments, instances = [], []
     for k in np.argsort(-scores, kind="stable"):
         category = classes.thing_ids[int(labels[k]) - 1]
-        instances.append({"category_id": category, "score": float(scores[k]), "mask": masks[k]})
+        instances.append(
+            {
+                "category_id": category,
+                "score": float(scores[k]),
+                "mask": masks[k],
+                "box": boxes[k].tolist(),  # (x0, y0, x1, y1), for box AP
+            }
+        )
         area = int(masks[k].sum())
         if scores[k] < thresholds.score_threshold or area == 0:
             continue

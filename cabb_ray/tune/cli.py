@@ -1,8 +1,8 @@
 """``python -m cabb_ray.tune``: a hyper-parameter search on Ray Tune, Optuna and MLflow.
 
     python -m cabb_ray.tune --space search_spaces/quickstart.yaml [--name NAME] [--resume]
-        [--num-samples N] [--address ADDR] [--storage PATH|s3://...] [--mlflow-uri URI]
-        [--experiment NAME] [--set KEY=VALUE ...] [--verbose]
+        [--num-samples N] [--no-early-stopping] [--address ADDR] [--storage PATH|s3://...]
+        [--mlflow-uri URI] [--experiment NAME] [--set KEY=VALUE ...] [--verbose]
 
 The space file (``search_spaces/README.md``) is validated whole before Ray starts. Each trial
 trains one config with Ray Train and is recorded as an MLflow child run of the search's parent
@@ -41,6 +41,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="continue the search --name (default: the newest one of this space file)",
     )
     parser.add_argument("--num-samples", type=int, help="trials in all (overrides the file)")
+    parser.add_argument(
+        "--no-early-stopping",
+        action="store_true",
+        help="run every trial to the end (no ASHA), e.g. for `cabb_ray.report --fidelity`",
+    )
     parser.add_argument("--address", help="Ray cluster to join ('auto'; default: RAY_ADDRESS)")
     parser.add_argument(
         "--storage",
@@ -146,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{started_with} trials, which a resume keeps"
             )
         spec.num_samples = started_with
+        if state.get("scheduler") == "none":
+            args.no_early_stopping = True  # a resume keeps what the search started with
+    if args.no_early_stopping:
+        spec.scheduler = None
     uri = args.mlflow_uri or state.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     cfg, uri, root = prepare(cfg, uri, experiment)
 

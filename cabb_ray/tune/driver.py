@@ -75,6 +75,11 @@ class Search:
                 else "none",
                 "search.space": ", ".join(searched_keys(self.spec)),
                 "search.folder": str(self.folder),
+                **(
+                    {"search.variants": json.dumps(list(self.spec.variants))}
+                    if self.spec.variants
+                    else {}
+                ),
             }
         )
         (self.folder / STATE_FILE).write_text(
@@ -85,6 +90,7 @@ class Search:
                     "experiment": self.experiment,
                     "space": str(self.spec.path.resolve()),
                     "num_samples": self.spec.num_samples,
+                    "scheduler": "asha" if self.spec.scheduler else "none",
                 },
                 indent=2,
             )
@@ -115,6 +121,7 @@ class Search:
             verbose=self.verbose,
             # test hook: {rank, step, marker}, one Train worker of one trial dies once
             fault=json.loads(os.environ.get("CABB_RAY_TEST_FAULT", "null")),
+            variants=self.spec.variants,
         )
 
     def _searcher(self):

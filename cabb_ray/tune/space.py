@@ -47,8 +47,11 @@ TOP_KEYS = [
     "resources",
     "failure",
     "space",
+    "variants",
     "description",
 ]
+VARIANT_KEY = "variant"  # the searched parameter that picks one of the file's named variants
+SEARCHABLE_RUN_KEYS = ("run.seed",)  # repeats of a grid (ablations over seeds)
 SCHEDULER_KEYS = ("type", "max_t", "grace_period", "reduction_factor")
 SEARCHER_KEYS = ("type", "seed")
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "driver_cpus")
@@ -146,6 +149,8 @@ class SearchSpec:
     params: list[Parameter] = field(default_factory=list)
     text: str = ""
     config: ExperimentConfig | None = None  # base + fixed + resources + --set, validated
+    # named bundles of config values (an ablation's rows), picked by the 'variant' parameter
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def metric(self) -> str:
@@ -209,6 +214,20 @@ class DefineByRun:
             if all(_value_of(k, chosen, self.fixed) in ok for k, ok in param.when):
                 chosen[param.key] = param.sample(trial)
         # the suggestions OptunaSearch captures are the trial's config
+
+
+def expand_variant(
+    values: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Sampled values with a ``variant`` name replaced by that variant's config values (the
+    other sampled values win over the variant's)."""
+    values = dict(values)
+    if VARIANT_KEY not in values:
+        return values
+    name = values.pop(VARIANT_KEY)
+    if name not in variants:
+        raise CabbRayError(f"variant {name!r}: not among {', '.join(variants) or 'no variants'}")
+    return {**variants[name], **values}
 
 
 def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,6 +431,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     if max_failures < 0:
         raise CabbRayError(f"{label}: failure.max_failures: expected >= 0, got {max_failures}")
 
+    variants = _parse_variants(label, data.get("variants"))
     space = _mapping(f"{label}: space", data.get("space"))
     if not space:
         raise CabbRayError(f"{label}: space: expected at least one searched parameter")
@@ -431,15 +451,23 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         resources=resources,
         max_failures=max_failures,
         text=path.read_text(),
+        variants=variants,
     )
     base_cfg = spec.config = spec.base_config(list(overrides))
     valid_keys = sorted(flatten_config(base_cfg))
+    _check_variants(label, variants, base_cfg, valid_keys)
+    if variants and VARIANT_KEY not in space:
+        raise CabbRayError(
+            f"{label}: variants: defined, but space has no '{VARIANT_KEY}' parameter to pick them"
+        )
     seen: list[str] = []
     for key, raw in space.items():
         where = f"{label}: space.{key}"
-        if key not in valid_keys:
+        if key == VARIANT_KEY and not variants:
+            raise CabbRayError(f"{where}: needs a top-level 'variants:' mapping of named configs")
+        if key not in valid_keys and key != VARIANT_KEY:
             raise CabbRayError(f"{where}: unknown config key{_closest(str(key), valid_keys)}")
-        if key.startswith("run."):
+        if key.startswith("run.") and key not in SEARCHABLE_RUN_KEYS:
             raise CabbRayError(f"{where}: run.* keys are not searched (resources: sets them)")
         if isinstance(raw, Mapping):
             _check_keys(where, raw, PARAM_KEYS)
@@ -466,13 +494,56 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
                 f"{where}: searcher.type grid needs every parameter as 'grid' values without "
                 "conditions"
             )
-        _check_against_config(where, param, base_cfg)
+        if key == VARIANT_KEY:
+            _check_variant_names(where, param, variants)
+        else:
+            _check_against_config(where, param, base_cfg)
         spec.params.append(param)
         seen.append(key)
     default_samples = spec.grid_size() if kind == "grid" else 16
     spec.set_num_samples(data.get("num_samples", default_samples), f"{label}: num_samples")
     spec.scheduler = _parse_scheduler(label, data.get("scheduler"), base_cfg)
     return spec
+
+
+def _parse_variants(label: str, raw: Any) -> dict[str, dict[str, Any]]:
+    """``variants:`` maps a name to dotted config keys and values."""
+    variants: dict[str, dict[str, Any]] = {}
+    for name, values in _mapping(f"{label}: variants", raw).items():
+        if not isinstance(name, str) or not name:
+            raise CabbRayError(f"{label}: variants: expected names as keys, got {name!r}")
+        variants[name] = dict(_mapping(f"{label}: variants.{name}", values))
+    return variants
+
+
+def _check_variants(
+    label: str, variants: Mapping[str, Mapping[str, Any]], base: ExperimentConfig, valid: list[str]
+) -> None:
+    """Every variant names known config keys and gives a valid config on the base."""
+    for name, values in variants.items():
+        where = f"{label}: variants.{name}"
+        for key in values:
+            if key not in valid:
+                raise CabbRayError(f"{where}: unknown config key '{key}'{_closest(key, valid)}")
+            if key.startswith("run."):
+                raise CabbRayError(f"{where}: {key}: run.* keys are not set per variant")
+        try:
+            apply_values(base, values)
+        except CabbRayError as err:
+            raise CabbRayError(f"{where}: {err}") from None
+
+
+def _check_variant_names(
+    where: str, param: Parameter, variants: Mapping[str, Mapping[str, Any]]
+) -> None:
+    dist = param.dists[0]
+    if param.is_pair or dist.kind not in ("choice", "grid"):
+        raise CabbRayError(f"{where}: expected choice or grid over variant names")
+    for name in dist.values:
+        if name not in variants:
+            raise CabbRayError(
+                f"{where}: unknown variant {name!r}{_closest(str(name), list(variants))}"
+            )
 
 
 def _condition_values(where: str, key: str, allowed: Any, params: list[Parameter]) -> list[Any]:
@@ -540,10 +611,14 @@ def _parse_scheduler(label: str, raw: Any, cfg: ExperimentConfig) -> SchedulerSp
     return SchedulerSpec("asha", max_t, grace, float(factor))
 
 
-def trial_config(base: ExperimentConfig, config: Mapping[str, Any]) -> ExperimentConfig:
-    """The typed config of one trial: the base with its sampled values applied (coerced and
-    validated like ``--set``, never through strings)."""
-    return apply_values(base, sampled_values(config))
+def trial_config(
+    base: ExperimentConfig,
+    config: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ExperimentConfig:
+    """The typed config of one trial: the base with its sampled values (a variant expanded to
+    its values) applied, coerced and validated like ``--set``, never through strings."""
+    return apply_values(base, expand_variant(sampled_values(config), variants or {}))
 
 
 def searched_keys(spec: SearchSpec) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cabb_ray.config import config_from_dict
@@ -26,6 +26,7 @@ TAG_TRIAL = "cabb_ray.trial_id"
 TAG_OUTCOME = "cabb_ray.outcome"  # finished | early_stopped | failed | invalid | interrupted
 TAG_SAMPLED = "cabb_ray.sampled"  # JSON of the searched values
 TAG_BEST = "cabb_ray.best"
+TAG_VARIANT = "cabb_ray.variant"  # an ablation row's name (space files with variants:)
 INVALID_KEY = "invalid_config"
 
 
@@ -46,6 +47,7 @@ class TrialSetup:
     resources: WorkerResources
     verbose: bool = False
     fault: dict[str, Any] | None = None  # test hook, see cabb_ray.train._maybe_die
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def children_filter(search: str, trial_id: str | None = None) -> str:
@@ -81,7 +83,7 @@ def open_child_run(
     if cfg is None:  # the driver's callback, for a trial that never opened its run
         base = config_from_dict(setup.base_config)
         try:
-            cfg = trial_config(base, config)
+            cfg = trial_config(base, config, setup.variants)
         except CabbRayError:
             cfg = base
     tags = {
@@ -93,6 +95,9 @@ def open_child_run(
         "cabb_ray.cpus": f"{setup.resources.cpus:g}",
         "cabb_ray.gpus": f"{setup.resources.gpus:g}",
     }
+    variant = sampled_values(config).get("variant")
+    if variant is not None:
+        tags[TAG_VARIANT] = str(variant)
     return start_run(cfg, setup.uri, setup.experiment, run_name=name, tags=tags)
 
 
@@ -108,7 +113,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     context = ray.tune.get_context()
     trial_id, name = context.get_trial_id(), context.get_trial_name()
     try:
-        cfg = trial_config(config_from_dict(setup.base_config), config)
+        cfg = trial_config(config_from_dict(setup.base_config), config, setup.variants)
     except CabbRayError as err:
         _report_invalid(setup, trial_id, name, config, str(err))
         return

@@ -1,0 +1,156 @@
+"""The ablation's results as the CABB paper shows them: Table 1 (mean +- std over seeds per
+variant) and Fig. 5 (box and mask AP per ground-truth size-percentile bin per variant).
+
+Rows are the space file's variants (``cabb_ray.variant`` tag on each trial), in the file's
+order; each row aggregates the finished trials of that variant, one per seed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cabb_ray.errors import CabbRayError
+from cabb_ray.metrics.mask_ap import SIZE_PERCENTILES
+from cabb_ray.report.source import SearchRecord, Trial
+
+# (column title, metric key): Table 1's columns, plus box AP (CABB acts on the boxes)
+TABLE_COLUMNS = (
+    ("PQ", "pq"),
+    ("PQ_th", "pq_th"),
+    ("PQ_st", "pq_st"),
+    ("mAP", "map"),
+    ("box AP", "box_map"),
+    ("mIoU", "miou"),
+    ("PC", "pc"),
+    ("PC_th", "pc_th"),
+    ("PC_st", "pc_st"),
+    ("PQ-dagger", "pq_dagger"),
+)
+SIZE_BINS = tuple(f"p{a}-{b}" for a, b in itertools.pairwise(SIZE_PERCENTILES))
+AP_KINDS = (("box", "box_map_"), ("mask", "map_"))
+
+
+def variant_order(record: SearchRecord) -> list[str]:
+    """The variants in the space file's order (the parent's tag), then any others seen."""
+    listed = json.loads(record.parent_tags.get("search.variants", "[]"))
+    seen = [t.sampled.get("variant") for t in record.trials]
+    if all(v is None for v in seen):
+        raise CabbRayError(
+            f"search {record.name}: its trials have no 'variant' (an ablation needs a space "
+            "file with variants:, e.g. search_spaces/ablation.yaml)"
+        )
+    return [v for v in listed if v in seen] + sorted({v for v in seen if v not in listed} - {None})
+
+
+def by_variant(record: SearchRecord) -> dict[str, list[Trial]]:
+    groups: dict[str, list[Trial]] = {v: [] for v in variant_order(record)}
+    for trial in record.trials:
+        if trial.sampled.get("variant") in groups:
+            groups[trial.sampled["variant"]].append(trial)
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+    return float(np.mean(finite)), std
+
+
+def ablation_table(record: SearchRecord) -> pd.DataFrame:
+    """One row per variant: seeds, then <metric>_mean and <metric>_std (sample std)."""
+    rows = []
+    for variant, trials in by_variant(record).items():
+        row: dict[str, object] = {
+            "variant": variant,
+            "seeds": ",".join(str(t.sampled.get("run.seed", "-")) for t in trials),
+            "trials": len(trials),
+        }
+        for _, key in TABLE_COLUMNS:
+            mean, std = _mean_std([t.metrics.get(key, math.nan) for t in trials])
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def size_bin_table(record: SearchRecord) -> pd.DataFrame:
+    """Long table of the plot's bars: variant, kind (box/mask), bin, mean, std, trials."""
+    rows = []
+    for variant, trials in by_variant(record).items():
+        for kind, prefix in AP_KINDS:
+            for name in SIZE_BINS:
+                mean, std = _mean_std([t.metrics.get(prefix + name, math.nan) for t in trials])
+                rows.append(
+                    {
+                        "variant": variant,
+                        "kind": kind,
+                        "bin": name,
+                        "mean": mean,
+                        "std": std,
+                        "trials": len(trials),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _pct(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
+
+
+def markdown(table: pd.DataFrame, title: str) -> str:
+    """Table 1 in percent, mean ± std over seeds."""
+    head = ["variant", "n", *[label for label, _ in TABLE_COLUMNS]]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [str(row["variant"]), str(row["trials"])]
+        cells += [_pct(row[f"{key}_mean"], row[f"{key}_std"]) for _, key in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Percent; mean ± sample std over seeds (n trials per variant)."]
+    return "\n".join(lines) + "\n"
+
+
+def size_bin_plot(bins: pd.DataFrame, path: Path, title: str) -> Path:
+    """Fig. 5: grouped bars of AP per size-percentile bin, one colour per variant, error
+    bars one std over seeds; box AP left, mask AP right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(bins["variant"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    width = 0.8 / max(len(variants), 1)
+    x = np.arange(len(SIZE_BINS))
+    colors = plt.get_cmap("tab10")
+    for ax, (kind, _) in zip(axes, AP_KINDS, strict=True):
+        for k, variant in enumerate(variants):
+            part = bins[(bins["variant"] == variant) & (bins["kind"] == kind)].set_index("bin")
+            means = [100 * part.loc[b, "mean"] for b in SIZE_BINS]
+            stds = [100 * part.loc[b, "std"] for b in SIZE_BINS]
+            ax.bar(
+                x + (k - (len(variants) - 1) / 2) * width,
+                np.nan_to_num(means),
+                width,
+                yerr=np.nan_to_num(stds),
+                capsize=2,
+                color=colors(k % 10),
+                label=variant,
+            )
+        ax.set_xticks(x, [f"{b[1:]}%" for b in SIZE_BINS])
+        ax.set_xlabel("GT instance area percentile bin (largest on the right)")
+        ax.set_title(f"{kind} AP by instance size")
+    axes[0].set_ylabel("AP (%)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

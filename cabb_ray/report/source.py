@@ -1,0 +1,96 @@
+"""A search as MLflow recorded it: its parent run and its trials' child runs.
+
+Reports read only MLflow (not Tune's folders), so they work from any machine that reaches the
+tracking server, after the cluster that ran the search is gone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cabb_ray.errors import CabbRayError
+from cabb_ray.tune.trial import TAG_OUTCOME, TAG_SAMPLED, TAG_SEARCH, TAG_TRIAL
+
+
+@dataclass
+class Trial:
+    """One finished trial: its run id, searched values and final metrics."""
+
+    run_id: str
+    trial_id: str
+    sampled: dict[str, Any]
+    metrics: dict[str, float]
+
+
+@dataclass
+class SearchRecord:
+    uri: str
+    experiment: str
+    name: str
+    parent_run_id: str
+    parent_tags: dict[str, str]
+    trials: list[Trial] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # outcome -> trials left out
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        from mlflow.tracking import MlflowClient
+
+        return [(m.step, m.value) for m in MlflowClient(self.uri).get_metric_history(run_id, key)]
+
+
+def load_search(uri: str, experiment: str, search: str | None = None) -> SearchRecord:
+    """The named search of ``experiment`` (default: its newest), with its finished trials."""
+    from mlflow.tracking import MlflowClient
+
+    from cabb_ray.tune.leaderboard import child_runs
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments(max_results=50)]
+        raise CabbRayError(
+            f"--experiment {experiment}: no such experiment at {uri} (there: "
+            f"{', '.join(names) or 'none'})"
+        )
+    where = "tags.`cabb_ray.kind` = 'search'"
+    if search is not None:
+        where += f" and tags.`{TAG_SEARCH}` = '{search}'"
+    parents = client.search_runs(
+        [found.experiment_id], filter_string=where, order_by=["start_time DESC"], max_results=1
+    )
+    if not parents:
+        what = f"search {search!r}" if search else "search"
+        raise CabbRayError(f"--experiment {experiment}: holds no {what} (at {uri})")
+    parent = parents[0]
+    name = parent.data.tags[TAG_SEARCH]
+    record = SearchRecord(uri, experiment, name, parent.info.run_id, dict(parent.data.tags))
+    for run in child_runs(uri, found.experiment_id, name):
+        outcome = run.data.tags.get(TAG_OUTCOME, "running")
+        if outcome != "finished":
+            record.skipped[outcome] = record.skipped.get(outcome, 0) + 1
+            continue
+        record.trials.append(
+            Trial(
+                run.info.run_id,
+                run.data.tags.get(TAG_TRIAL, ""),
+                json.loads(run.data.tags.get(TAG_SAMPLED, "{}")),
+                dict(run.data.metrics),
+            )
+        )
+    if not record.trials:
+        raise CabbRayError(
+            f"search {name} (experiment {experiment}): no finished trial to report on"
+            + (f" ({_counts(record.skipped)})" if record.skipped else "")
+        )
+    return record
+
+
+def _counts(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(skipped.items()))
+
+
+def skipped_line(record: SearchRecord) -> str | None:
+    if not record.skipped:
+        return None
+    return f"left out (not finished): {_counts(record.skipped)}"
