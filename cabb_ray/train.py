@@ -221,7 +221,7 @@ def _log_evaluation(logger, result, kept, state, best: Path | None, val) -> None
         per_class_table(result.to_json()["per_class"]), f"eval/epoch_{state.epoch:03d}/per_class.md"
     )
     with tempfile.TemporaryDirectory() as folder:
-        plot = size_bin_plot(result.metrics, Path(folder) / "mask_ap_by_size.png")
+        plot = size_bin_plot(result.metrics, Path(folder) / "ap_by_size.png")
         logger.artifact(plot, f"eval/epoch_{state.epoch:03d}")
         colors = category_colors(val.categories)
         for image, rgb, prediction in kept:

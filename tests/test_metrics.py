@@ -338,6 +338,23 @@ def test_column_band_rle_equals_full_mask_encoding():
         assert rle["counts"] == full["counts"] and rle["size"] == full["size"]
 
 
+def _reference_cocoeval(images, gts, dets, things, iou_type: str) -> COCOeval:
+    """pycocotools' own evaluation of full-image annotations, summarised."""
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": gts,
+        "categories": [{"id": c} for c in sorted(things)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        check = COCOeval(coco, coco.loadRes(dets), iouType=iou_type)
+        check.evaluate()
+        check.accumulate()
+        check.summarize()
+    return check
+
+
 def test_mask_ap_matches_cocoeval_on_full_masks(synthetic_root, tmp_path):
     categories, pairs = _fake_pairs(synthetic_root, tmp_path)
     ev = PanopticEvaluator(categories)
@@ -371,18 +388,7 @@ def test_mask_ap_matches_cocoeval_on_full_masks(synthetic_root, tmp_path):
                         "score": s["score"],
                     }
                 )
-    coco = COCO()
-    coco.dataset = {
-        "images": images,
-        "annotations": gts,
-        "categories": [{"id": c} for c in sorted(things)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-        check = COCOeval(coco, coco.loadRes(dets), iouType="segm")
-        check.evaluate()
-        check.accumulate()
-        check.summarize()
+    check = _reference_cocoeval(images, gts, dets, things, "segm")
     result = ev.compute()
     assert result.metrics["map"] == pytest.approx(check.stats[0], abs=1e-12)
     assert result.metrics["map50"] == pytest.approx(check.stats[1], abs=1e-12)
@@ -611,18 +617,7 @@ def test_box_ap_matches_cocoeval_bbox(synthetic_root, tmp_path):
                 else:
                     item["score"] = s["score"]
                 out.append(item)
-    coco = COCO()
-    coco.dataset = {
-        "images": images,
-        "annotations": gts,
-        "categories": [{"id": c} for c in sorted(things)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-        check = COCOeval(coco, coco.loadRes(dets), iouType="bbox")
-        check.evaluate()
-        check.accumulate()
-        check.summarize()
+    check = _reference_cocoeval(images, gts, dets, things, "bbox")
     result = ev.compute()
     assert result.metrics["box_map"] == pytest.approx(check.stats[0], abs=1e-12)
     assert result.metrics["box_map50"] == pytest.approx(check.stats[1], abs=1e-12)

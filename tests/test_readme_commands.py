@@ -10,6 +10,8 @@ says so) with what runs here. Long ones are shortened, and the shortening is sta
 - Training runs 1 epoch of 2 steps of batch 2; the synthetic dataset has 4 + 2 small images
   (128 x 256) instead of 200 + 20; preview draws 4 crops, levels 200.
 - Placeholders (DIR, best.pt, pred.json, pred/) become the files the earlier commands made.
+- The ablation runs 2 of its 18 grid points, the fidelity search 3 trials, both with the tiny
+  training above (ablation 1 epoch, fidelity 4); the reports then read those searches.
 - `mlflow ui` is started on a free port and asked for the experiment, then stopped.
 - Benchmarks are not run (minutes each, and timing targets stay out of tests); the analysis
   notebook has its own test (tests/test_notebook.py), the cluster files theirs
@@ -83,6 +85,29 @@ COMMANDS = [
         f"python -m cabb_ray.tune --space search_spaces/quickstart.yaml --num-samples 1 "
         f"{TINY_TRAINING} --name readme-search",
     ),
+    (
+        "python -m cabb_ray.data stats --crop",  # the quickstart's scenes, in ~/.cache/cabb_ray
+        "python -m cabb_ray.data stats --crop",
+    ),
+    (
+        "python -m cabb_ray.tune --space search_spaces/ablation.yaml",
+        f"python -m cabb_ray.tune --space search_spaces/ablation.yaml --num-samples 2 "
+        f"{TINY_TRAINING} --set optim.epochs=1 --set eval.every=1 --name readme-ablation",
+    ),
+    (
+        "python -m cabb_ray.report --experiment ablation",
+        "python -m cabb_ray.report --experiment ablation",
+    ),
+    (
+        "python -m cabb_ray.tune --space search_spaces/quickstart.yaml --no-early-stopping "
+        "--set eval.every=1",
+        "python -m cabb_ray.tune --space search_spaces/quickstart.yaml --no-early-stopping "
+        f"--set eval.every=1 --num-samples 3 {TINY_TRAINING} --name readme-fidelity",
+    ),
+    (
+        "python -m cabb_ray.report --fidelity --experiment quickstart",
+        "python -m cabb_ray.report --fidelity --experiment quickstart",
+    ),
 ]
 
 
@@ -122,7 +147,12 @@ def test_readme_commands_work_as_written_in_a_fresh_folder(tmp_path):
     assert "finished: epoch 1, step 2" in outputs[COMMANDS[5][0]]
     assert (tmp_path / "pred" / "predictions.json").is_file()
     assert (tmp_path / "results.json").is_file()
-    assert "leaderboard of search readme-search" in outputs[COMMANDS[-1][0]]
+    assert "leaderboard of search readme-search" in outputs[COMMANDS[8][0]]
+    assert "wider or taller than 128 px" in outputs[COMMANDS[9][0]]
+    assert "| variant | n | PQ |" in outputs[COMMANDS[11][0]]
+    assert (tmp_path / "runs" / "readme-ablation" / "report" / "size_bins.png").is_file()
+    assert "search readme-fidelity: 3 finished trial(s)" in outputs[COMMANDS[13][0]]
+    assert (tmp_path / "runs" / "readme-fidelity" / "report" / "fidelity.png").is_file()
     assert (tmp_path / "runs" / "readme-search" / "best" / "checkpoint.pt").is_file()
     _check_mlflow_ui(tmp_path)
 

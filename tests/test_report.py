@@ -42,10 +42,11 @@ def test_table_is_mean_and_sample_std_over_seeds_in_the_files_order():
             trial("b", "CROP", 1, pq=0.4, map=0.3),
             trial("c", "FULL", 0, pq=0.5),
         ],
-        tags={"search.variants": '["FULL", "CROP"]'},
+        tags={"search.variants": '["FULL", "CROP", "CROP+CABB"]'},
     )
     table = ablation_table(fake).set_index("variant")
-    assert list(table.index) == ["FULL", "CROP"]
+    assert list(table.index) == ["FULL", "CROP", "CROP+CABB"]
+    assert table.loc["CROP+CABB", "trials"] == 0  # no finished trial: its row stays, empty
     assert table.loc["CROP", "pq_mean"] == pytest.approx(0.3)
     assert table.loc["CROP", "pq_std"] == pytest.approx(math.sqrt(0.02))  # ddof=1
     assert table.loc["CROP", "seeds"] == "0,1" and table.loc["CROP", "trials"] == 2
@@ -104,6 +105,8 @@ def test_fidelity_tau_per_epoch_and_trusted_epoch():
     assert table["tau"].tolist() == pytest.approx([-1.0, 4 / 6, 1.0, 1.0])
     assert trusted_epoch(table, 0.6) == 2 and trusted_epoch(table, 0.9) == 3
     assert "from epoch 2 of 4" in verdict(table, 0.6)
+    flat = pd.DataFrame({"epoch": [1, 2], "tau": [math.nan, math.nan]})
+    assert "cannot be ranked" in verdict(flat, 0.6)
     never = pd.DataFrame({"epoch": [1, 2], "tau": [0.1, 1.0]})
     assert trusted_epoch(never, 0.6) is None and "no epoch before the last" in verdict(never, 0.6)
 
@@ -181,7 +184,20 @@ def test_two_variant_ablation_end_to_end(local_ray, tmp_path, monkeypatch, capsy
     bins = pd.read_csv(out / "size_bins.csv")
     assert list(table.index) == ["CROP", "CROP+CABB"]  # the file's order
     for kid in kids:
-        variant, metrics = kid.data.tags["cabb_ray.variant"], kid.data.metrics
+        variant = kid.data.tags["cabb_ray.variant"]
+        # the final evaluation's figures, read at its step (NaN where none was logged there)
+        last = max(m.step for m in client.get_metric_history(kid.info.run_id, "epoch"))
+        metrics = {
+            key: next(
+                (
+                    m.value
+                    for m in client.get_metric_history(kid.info.run_id, key)
+                    if m.step == last
+                ),
+                math.nan,
+            )
+            for key in kid.data.metrics
+        }
         assert table.loc[variant, "trials"] == 1 and str(table.loc[variant, "seeds"]) == "3"
         for key in ("pq", "pq_th", "pq_st", "map", "box_map", "miou", "pc", "pq_dagger"):
             assert table.loc[variant, f"{key}_mean"] == pytest.approx(metrics[key], nan_ok=True)

@@ -239,7 +239,7 @@ def test_two_worker_run_tracks_everything_and_resumes(ray_cluster, tmp_path, mon
     assert {
         "config.yaml",
         "eval/epoch_001/per_class.md",
-        "eval/epoch_001/mask_ap_by_size.png",
+        "eval/epoch_001/ap_by_size.png",
         "best/checkpoint.pt",
     } <= artifacts
     assert any(a.startswith("eval/epoch_001/overlay_") for a in artifacts)

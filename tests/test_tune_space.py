@@ -236,6 +236,24 @@ def test_resume_of_another_space_and_bad_names(tmp_path, capsys, monkeypatch):
         assert info.value.code == 2 and message in err, err
 
 
+def test_resume_keeps_the_searchs_early_stopping(tmp_path, capsys, monkeypatch):
+    """A search started with ASHA cannot lose it on resume (Tune restores its scheduler)."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    path = write_space(tmp_path, VALID)
+    folder = tmp_path / "runs" / "s1"
+    folder.mkdir(parents=True)
+    state = {"space": str(path.resolve()), "num_samples": 4, "scheduler": "asha"}
+    (folder / "search.json").write_text(json.dumps(state))
+    with pytest.raises(SystemExit) as info:
+        run_cli(
+            tune_main, ["--space", str(path), "--name", "s1", "--resume", "--no-early-stopping"]
+        )
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "was started with early stopping, which a resume keeps" in err
+
+
 def _sample(spec, seed: int) -> dict:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     trial = study.ask()
@@ -351,6 +369,27 @@ def test_variants_expand_into_each_trial_config(tmp_path):
         trial_config(spec.config, {"variant": "NONE"}, spec.variants)
 
 
+def test_conditions_see_the_variants_values_and_set_wins(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(ABLATION))
+    data["searcher"] = {"type": "random", "seed": 0}
+    data["space"] = {
+        "variant": {"choice": ["CROP", "FULL"]},
+        "data.r_st": {
+            "pair": [{"uniform": [0.5, 1.0]}, {"uniform": [1.0, 2.0]}],
+            "when": {"data.sampler": "cus"},
+        },
+    }
+    spec = load_space(write_space(tmp_path, data), ["data.batch_size=4"])
+    assert spec.variants["FULL"] == {"data.sampler": "full"}  # --set took batch_size
+    seen = {}
+    for seed in range(12):
+        values = _sample(spec, seed)
+        seen.setdefault(values["variant"], set()).add("data.r_st[0]" in values)
+        cfg = trial_config(spec.config, values, spec.variants)
+        assert cfg.data.batch_size == 4
+    assert seen == {"CROP": {True}, "FULL": {False}}
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -378,6 +417,14 @@ def test_variants_expand_into_each_trial_config(tmp_path):
             "space.variant: expected choice or grid over variant names",
         ),
         ({"space": {"variant": {"grid": ["CROP"]}, "run.workers": {"grid": [1]}}}, "run.* keys"),
+        (
+            {"variants": {"CROP": {"optim.epochs": 2}}},
+            "variants.CROP: optim.epochs: every variant trains the search's schedule",
+        ),
+        (
+            {"space": {"variant": {"grid": [["CROP", "FULL"]]}}},
+            "space.variant: expected variant names, got ['CROP', 'FULL']",
+        ),
     ],
 )
 def test_invalid_variants_are_one_line_naming_the_key(tmp_path, changes, message):

@@ -54,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     cityscapes.add_argument("--copy", action="store_true", help="copy images instead of linking")
 
     stats = sub.add_parser("stats", help="thing-instance size distribution of a split")
-    stats.add_argument("--root", required=True, type=Path)
+    stats.add_argument(
+        "--root", type=Path, help="dataset root (default: the quickstart's synthetic scenes)"
+    )
     stats.add_argument("--split", default="train")
-    stats.add_argument("--crop", type=_positive, default=256)
+    stats.add_argument(
+        "--crop",
+        type=_positive,
+        nargs="?",
+        help="crop side in px for the truncation share (default: the cpu_quickstart preset's)",
+    )
     stats.add_argument("--plot", type=Path, help="also write a PNG histogram here")
     preview = sub.add_parser("preview", help="PNG grid and samples.json of training crops")
     preview.add_argument("--root", required=True, type=Path)
@@ -146,7 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "stats":
         from cabb_ray.data.stats import plot_size_histogram, thing_size_stats
 
-        print("\n".join(thing_size_stats(args.root, args.split, args.crop).lines()))
+        root, crop = args.root, args.crop
+        if root is None or crop is None:
+            from cabb_ray.config import load_config
+            from cabb_ray.data.resolve import resolve_dataset_root
+
+            quickstart = load_config("cpu_quickstart")
+            root = root or resolve_dataset_root(quickstart.data)
+            crop = crop or max(quickstart.data.crop_size)
+        args.root = root
+        print(f"{root} ({args.split}), crop {crop} px")
+        print("\n".join(thing_size_stats(root, args.split, crop).lines()))
         if args.plot:
             print(f"wrote {plot_size_histogram(args.root, args.split, args.plot)}")
     return 0

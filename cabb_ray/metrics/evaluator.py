@@ -49,6 +49,8 @@ METRIC_NAMES = (
     "miou",
     "map",
     "map50",
+    "box_map",
+    "box_map50",
 )
 
 
@@ -110,7 +112,10 @@ class EvaluationResult:
             "miou",
             "map",
             "map50",
+            "box_map",
+            "box_map50",
             *sorted(k for k in m if k.startswith("map_")),
+            *sorted(k for k in m if k.startswith("box_map_")),
         ]
         lines.append("  ".join(f"{k} {pct(m[k])}" for k in extras))
         return "\n".join(lines)
@@ -217,7 +222,9 @@ class PanopticEvaluator:
     def compute(self) -> EvaluationResult:
         metrics, per_class = summarize(self.panoptic, self.isthing)
         metrics.update(
-            self.mask_ap.compute() if self.mask_ap else {"map": math.nan, "map50": math.nan}
+            self.mask_ap.compute()
+            if self.mask_ap
+            else {k: math.nan for k in ("map", "map50", "box_map", "box_map50")}
         )
         rows = [
             {

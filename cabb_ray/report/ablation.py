@@ -1,8 +1,9 @@
 """The ablation's results as the CABB paper shows them: Table 1 (mean +- std over seeds per
 variant) and Fig. 5 (box and mask AP per ground-truth size-percentile bin per variant).
 
-Rows are the space file's variants (``cabb_ray.variant`` tag on each trial), in the file's
-order; each row aggregates the finished trials of that variant, one per seed."""
+Rows are the space file's variants (each trial's sampled ``variant``), in the file's order;
+each row aggregates the finished trials of that variant, one per seed (a variant without a
+finished trial keeps its row, with n = 0)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def variant_order(record: SearchRecord) -> list[str]:
             f"search {record.name}: its trials have no 'variant' (an ablation needs a space "
             "file with variants:, e.g. search_spaces/ablation.yaml)"
         )
-    return [v for v in listed if v in seen] + sorted({v for v in seen if v not in listed} - {None})
+    return listed + sorted({v for v in seen if v not in listed} - {None})
 
 
 def by_variant(record: SearchRecord) -> dict[str, list[Trial]]:

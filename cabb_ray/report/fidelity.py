@@ -76,6 +76,11 @@ def trusted_epoch(table: pd.DataFrame, threshold: float) -> int | None:
 def verdict(table: pd.DataFrame, threshold: float) -> str:
     epoch = trusted_epoch(table, threshold)
     last = int(table["epoch"].iloc[-1])
+    if table["tau"].isna().all():
+        return (
+            "the trials cannot be ranked: their PQ is the same at every epoch (tau undefined); "
+            "train longer or search wider ranges"
+        )
     if epoch is None:
         return (
             f"no epoch before the last ({last}) ranks trials like the final PQ (tau >= "

@@ -6,6 +6,7 @@ tracking server, after the cluster that ran the search is gone."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ def load_search(uri: str, experiment: str, search: str | None = None) -> SearchR
                 run.info.run_id,
                 run.data.tags.get(TAG_TRIAL, ""),
                 json.loads(run.data.tags.get(TAG_SAMPLED, "{}")),
-                dict(run.data.metrics),
+                _final_evaluation(client, run),
             )
         )
     if not record.trials:
@@ -84,6 +85,26 @@ def load_search(uri: str, experiment: str, search: str | None = None) -> SearchR
             + (f" ({_counts(record.skipped)})" if record.skipped else "")
         )
     return record
+
+
+def _final_evaluation(client: Any, run: Any) -> dict[str, float]:
+    """The evaluation metrics of the run's last evaluation (NaN for what it did not log).
+
+    A run's latest value of a metric can be from an earlier evaluation: NaN values (an empty
+    size bin, say) are not logged, so the final figures are read at the last evaluation's
+    step (where ``epoch`` is logged with them)."""
+    from cabb_ray.metrics.evaluator import METRIC_NAMES
+
+    epochs = client.get_metric_history(run.info.run_id, "epoch")
+    if not epochs:
+        return {}
+    last = max(m.step for m in epochs)
+    values: dict[str, float] = {}
+    for key in run.data.metrics:
+        if key in METRIC_NAMES or key.startswith(("map_", "box_map_")):
+            history = client.get_metric_history(run.info.run_id, key)
+            values[key] = next((m.value for m in history if m.step == last), math.nan)
+    return values
 
 
 def _counts(skipped: dict[str, int]) -> str:

@@ -153,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec.num_samples = started_with
         if state.get("scheduler") == "none":
             args.no_early_stopping = True  # a resume keeps what the search started with
+        elif args.no_early_stopping and spec.scheduler is not None:
+            raise CabbRayError(
+                f"--no-early-stopping: search {name} was started with early stopping, which a "
+                "resume keeps"
+            )
     if args.no_early_stopping:
         spec.scheduler = None
     uri = args.mlflow_uri or state.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")

@@ -181,7 +181,7 @@ class SearchSpec:
         return cfg
 
     def define_by_run(self, fixed: Mapping[str, Any]) -> DefineByRun:
-        return DefineByRun(tuple(self.params), dict(fixed))
+        return DefineByRun(tuple(self.params), dict(fixed), self.variants)
 
     def grid_space(self) -> dict[str, list[Any]]:
         """Optuna GridSampler's search space (names as the trials suggest them)."""
@@ -203,15 +203,16 @@ class SearchSpec:
 class DefineByRun:
     """Optuna's define-by-run space (a plain object, as Tune pickles its searcher): samples
     the parameters whose conditions hold; conditions see earlier samples first, then the
-    fixed config values."""
+    chosen variant's values, then the fixed config values."""
 
     params: tuple[Parameter, ...]
     fixed: dict[str, Any]
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __call__(self, trial: Any) -> None:
         chosen: dict[str, Any] = {}
         for param in self.params:
-            if all(_value_of(k, chosen, self.fixed) in ok for k, ok in param.when):
+            if all(_value_of(k, chosen, self.fixed, self.variants) in ok for k, ok in param.when):
                 chosen[param.key] = param.sample(trial)
         # the suggestions OptunaSearch captures are the trial's config
 
@@ -242,8 +243,19 @@ def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _value_of(key: str, chosen: Mapping[str, Any], fixed: Mapping[str, Any]) -> Any:
-    value = chosen[key] if key in chosen else fixed.get(key)
+def _value_of(
+    key: str,
+    chosen: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]],
+) -> Any:
+    variant = variants.get(chosen.get(VARIANT_KEY), {}) if VARIANT_KEY in chosen else {}
+    if key in chosen:
+        value = chosen[key]
+    elif key in variant:
+        value = variant[key]
+    else:
+        value = fixed.get(key)
     return _encode(value)
 
 
@@ -432,6 +444,11 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         raise CabbRayError(f"{label}: failure.max_failures: expected >= 0, got {max_failures}")
 
     variants = _parse_variants(label, data.get("variants"))
+    overridden = {text.split("=", 1)[0].strip() for text in overrides}
+    variants = {  # --set wins over the file, variants included
+        name: {k: v for k, v in values.items() if k not in overridden}
+        for name, values in variants.items()
+    }
     space = _mapping(f"{label}: space", data.get("space"))
     if not space:
         raise CabbRayError(f"{label}: space: expected at least one searched parameter")
@@ -527,6 +544,10 @@ def _check_variants(
                 raise CabbRayError(f"{where}: unknown config key '{key}'{_closest(key, valid)}")
             if key.startswith("run."):
                 raise CabbRayError(f"{where}: {key}: run.* keys are not set per variant")
+            if key in ("optim.epochs", "optim.steps_per_epoch"):
+                raise CabbRayError(
+                    f"{where}: {key}: every variant trains the search's schedule (set it in fixed:)"
+                )
         try:
             apply_values(base, values)
         except CabbRayError as err:
@@ -540,6 +561,8 @@ def _check_variant_names(
     if param.is_pair or dist.kind not in ("choice", "grid"):
         raise CabbRayError(f"{where}: expected choice or grid over variant names")
     for name in dist.values:
+        if not isinstance(name, str):
+            raise CabbRayError(f"{where}: expected variant names, got {name!r}")
         if name not in variants:
             raise CabbRayError(
                 f"{where}: unknown variant {name!r}{_closest(str(name), list(variants))}"
