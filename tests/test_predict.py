@@ -59,6 +59,32 @@ def test_fusion_places_instances_by_score_and_fills_stuff():
     assert present == {s["id"] for s in result.segments}
 
 
+def test_prediction_at_another_scale_returns_boxes_and_masks_at_the_images_size():
+    """The network sees the image rescaled to shortest side s0; the detector's boxes come
+    back in the image's own pixels (box AP compares them with full-resolution GT)."""
+    from cabb_ray.engine import predict_image
+
+    semantic = np.zeros((32, 64), dtype=np.int64)
+    mask = np.zeros((32, 64))
+    mask[2:10, 4:20] = 1
+    detection = _detection([mask], [0.9], semantic)
+    detection["boxes"] = torch.tensor([[4.0, 2.0, 20.0, 10.0]])
+    seen = []
+
+    def network(images):
+        seen.append(tuple(images[0].shape))
+        return [detection]
+
+    overrides = ["data.shortest_side=32", "data.crop_size=[32,32]", "eval.stuff_min_area=1"]
+    cfg = load_config("cpu_quickstart", overrides)
+    image = np.zeros((64, 128, 3), dtype=np.uint8)
+    prediction = predict_image(network, image, cfg, CLASSES, torch.device("cpu"))
+    assert seen == [(3, 32, 64)] and prediction.ids.shape == (64, 128)
+    (instance,) = prediction.instances
+    assert instance["box"] == pytest.approx([8.0, 4.0, 40.0, 20.0])
+    assert instance["mask"].shape == (64, 128) and instance["mask"].sum() == 4 * 8 * 16
+
+
 def test_stuff_below_min_area_is_void():
     semantic = np.zeros((3, 3), dtype=np.int64)
     semantic[0, 0] = 1  # one sky pixel
