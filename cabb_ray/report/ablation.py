@@ -120,13 +120,14 @@ def markdown(table: pd.DataFrame, title: str) -> str:
 
 def size_bin_plot(bins: pd.DataFrame, path: Path, title: str) -> Path:
     """Fig. 5: grouped bars of AP per size-percentile bin, one colour per variant, error
-    bars one std over seeds; box AP left, mask AP right."""
+    bars one std over seeds; box AP left, mask AP right (variants without a finished trial are
+    left out; a bin with no value is drawn at 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = list(dict.fromkeys(bins["variant"]))
+    variants = list(dict.fromkeys(bins[bins["trials"] > 0]["variant"]))  # rows with results
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     width = 0.8 / max(len(variants), 1)
     x = np.arange(len(SIZE_BINS))
