@@ -35,9 +35,9 @@ class SearchRecord:
     skipped: dict[str, int] = field(default_factory=dict)  # outcome -> trials left out
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        from mlflow.tracking import MlflowClient
+        from cabb_ray.tracking import RunLogger
 
-        return [(m.step, m.value) for m in MlflowClient(self.uri).get_metric_history(run_id, key)]
+        return RunLogger(self.uri, run_id).history(key)
 
 
 def load_search(uri: str, experiment: str, search: str | None = None) -> SearchRecord:
