@@ -32,11 +32,11 @@ from cabb_ray.config import ExperimentConfig, config_from_dict, load_config
 from cabb_ray.data.crop_dataset import CropDataset, collate_crops
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.data.synthetic import write_synthetic_dataset
-from cabb_ray.engine import evaluate, train_step
 from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.balancing import host_values
 from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
-from cabb_ray.run_state import build_training, checkpoint_payload
+from cabb_ray.training.engine import evaluate, train_step
+from cabb_ray.training.state import build_training, checkpoint_payload
 
 SIZE = 256  # shortest side of the rescaled images and the crop size
 

@@ -4,7 +4,7 @@ several seeds, with the seed-to-seed spread a search has to see through.
     python benchmarks/learning.py [--seeds 0 1 2] [--at 25 50 100] [--config cpu_quickstart]
                                   [--set key=value ...]
 
-Each seed trains the preset once, in one process without Ray (``cabb_ray.local_training``),
+Each seed trains the preset once, in one process without Ray (``cabb_ray.training.local``),
 on the preset's synthetic scenes, and is evaluated on the preset's validation images at each
 percentage of its budget. Printed per checkpoint: mean and standard deviation over seeds, the
 training seconds spent to get there, and steps/s. Targets (issue 11): within one quickstart
@@ -20,7 +20,7 @@ import time
 
 from cabb_ray.config import load_config
 from cabb_ray.data.resolve import resolve_dataset_root
-from cabb_ray.local_training import train_locally
+from cabb_ray.training.local import train_locally
 
 COLUMNS = (("pq", "PQ"), ("pq_th", "PQ_th"), ("pq_st", "PQ_st"), ("map", "mask AP"))
 

@@ -72,7 +72,7 @@ class ModelConfig:
     pretrained: str = "none"
     fpn_channels: int = 64
     trainable_backbone_layers: int = 3
-    # RoI pooler level heuristic (FPN Eq. 1), shared with ISUS: cabb_ray.model.levels.
+    # RoI pooler level heuristic (FPN Eq. 1), shared with ISUS: cabb_ray.structures.levels.
     roi_levels: tuple[int, int] = (2, 5)
     canonical_scale: float = 224.0
     canonical_level: int = 4

@@ -16,32 +16,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from cabb_ray.errors import CabbRayError, run_cli
 from cabb_ray.progress import progress_printer
+from cabb_ray.viz import category_colors, overlay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def category_colors(categories: list[dict]) -> dict[int, list[int]]:
-    """Category id to its RGB colour (Cityscapes colours; grey where a category has none)."""
-    return {int(c["id"]): c.get("color", [128, 128, 128]) for c in categories}
-
-
-def overlay(image: np.ndarray, ids: np.ndarray, segments: list[dict], colors: dict) -> np.ndarray:
-    """Category colours blended over the image, with white segment borders."""
-    out = image.astype(np.float32).copy()
-    for seg in segments:
-        mask = ids == seg["id"]
-        out[mask] = 0.45 * out[mask] + 0.55 * np.asarray(colors[seg["category_id"]], np.float32)
-    border = np.zeros(ids.shape, dtype=bool)
-    border[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-    border[1:, :] |= ids[1:, :] != ids[:-1, :]
-    out[border] = 255
-    return out.clip(0, 255).astype(np.uint8)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -66,10 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from cabb_ray.data.crops import ClassMapping
     from cabb_ray.data.panoptic_format import id2rgb, read_rgb
-    from cabb_ray.engine import predict_image
     from cabb_ray.model.checkpoint import model_from_checkpoint
+    from cabb_ray.structures.classes import ClassMapping
+    from cabb_ray.training.engine import predict_image
 
     files = _images(args.images)
     wanted, ids_by_file = None, {}

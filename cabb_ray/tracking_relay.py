@@ -30,13 +30,11 @@ def needs_relay(uri: str) -> bool:
     return uri.startswith(("http://", "https://")) and urlparse(uri).hostname in LOOPBACK_HOSTS
 
 
-def worker_tracking_uri(uri: str) -> str:
-    """The tracking URI to hand to Ray Train workers: ``uri`` itself, or on a cluster with a
-    store only this node reaches, a relay actor pinned to this node (started once, shared by
+def worker_tracking_uri(uri: str, cluster: bool) -> str:
+    """The tracking URI to hand to Ray Train workers: ``uri`` itself, or on a ``cluster`` with
+    a store only this node reaches, a relay actor pinned to this node (started once, shared by
     every run)."""
-    from cabb_ray.launch import on_cluster
-
-    if not (on_cluster() and needs_relay(uri)):
+    if not (cluster and needs_relay(uri)):
         return uri
     return start_relay(uri)
 

@@ -93,7 +93,7 @@ def test_normalized_ignores_a_batch_with_a_non_finite_term():
 
 
 def test_uncertainty_log_variances_are_clamped_and_not_decayed():
-    from cabb_ray.engine import TrainModule, make_optimizer
+    from cabb_ray.training.engine import TrainModule, make_optimizer
 
     cfg = load_config("cpu_quickstart", ["loss.balancing=uncertainty", "loss.log_var_limit=2"])
     balancer = LossBalancer(cfg.loss)
@@ -128,7 +128,7 @@ def _nan_on_one_rank(rank, world, port, mode, out):
 
     import torch.distributed as dist
 
-    from cabb_ray.engine import _all_ranks_finite
+    from cabb_ray.training.engine import _all_ranks_finite
 
     dist.init_process_group(
         "gloo",

@@ -39,7 +39,7 @@ def test_cluster_files_pass_rays_validation(name):
 
 
 def test_aws_keeps_trial_drivers_on_the_head_and_off_spot_nodes():
-    from cabb_ray.launch import TRIAL_SLOT
+    from cabb_ray.training.ray_env import TRIAL_SLOT
 
     prepared = _validated(_load("aws.yaml"))
     types = prepared["available_node_types"]

@@ -12,15 +12,16 @@ import torch
 
 from cabb_ray.config import ModelConfig, load_config
 from cabb_ray.data.crop_dataset import CropDataset, collate_crops
-from cabb_ray.data.crops import ClassMapping, CropWindow, extract_crop
+from cabb_ray.data.crops import CropWindow, extract_crop
 from cabb_ray.data.index import build_segment_index
 from cabb_ray.data.level_balance import level_histogram, normalized_entropy
 from cabb_ray.data.panoptic_format import id2rgb, write_split_json
 from cabb_ray.data.samplers import isus_scale
 from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.cabb import crop_aware_targets
-from cabb_ray.model.levels import level_of_size
 from cabb_ray.model.network import build_model
+from cabb_ray.structures.classes import ClassMapping
+from cabb_ray.structures.levels import level_of_size
 from tests.independent_reader import read_ids, read_split
 
 SMALL_CROP = ["data.crop_size=[64, 96]", "data.shortest_side=128", "model.canonical_scale=28"]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from cabb_ray.config import EvalConfig, load_config
-from cabb_ray.data.crops import ClassMapping
 from cabb_ray.errors import run_cli
 from cabb_ray.model.checkpoint import save_checkpoint
 from cabb_ray.model.fusion import panoptic_fusion
 from cabb_ray.model.network import build_model
 from cabb_ray.predict import main as predict_main
+from cabb_ray.structures.classes import ClassMapping
 from tests.independent_reader import read_ids
 
 CLASSES = ClassMapping(category_ids=(0, 10, 13), thing_ids=(13,))  # road, sky, car
@@ -62,7 +62,7 @@ def test_fusion_places_instances_by_score_and_fills_stuff():
 def test_prediction_at_another_scale_returns_boxes_and_masks_at_the_images_size():
     """The network sees the image rescaled to shortest side s0; the detector's boxes come
     back in the image's own pixels (box AP compares them with full-resolution GT)."""
-    from cabb_ray.engine import predict_image
+    from cabb_ray.training.engine import predict_image
 
     semantic = np.zeros((32, 64), dtype=np.int64)
     mask = np.zeros((32, 64))

@@ -50,16 +50,14 @@ def test_a_write_that_keeps_failing_warns_and_training_goes_on(logger, capsys, m
 
 
 def test_loopback_servers_need_a_relay_only_on_a_cluster(monkeypatch):
-    import cabb_ray.launch
     from cabb_ray.tracking_relay import needs_relay, worker_tracking_uri
 
     assert needs_relay("http://127.0.0.1:5000") and needs_relay("http://localhost:5000")
     assert needs_relay("sqlite:////home/ray/mlflow.db")  # a file on the head only
     assert not needs_relay("http://10.0.0.10:5000") and not needs_relay("databricks")
-    monkeypatch.setattr(cabb_ray.launch, "on_cluster", lambda *a: False)
-    assert worker_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    monkeypatch.setattr(cabb_ray.launch, "on_cluster", lambda *a: True)
-    assert worker_tracking_uri("http://mlflow.internal:5000") == "http://mlflow.internal:5000"
+    assert worker_tracking_uri("http://127.0.0.1:5000", cluster=False) == "http://127.0.0.1:5000"
+    internal = "http://mlflow.internal:5000"
+    assert worker_tracking_uri(internal, cluster=True) == internal
 
 
 @pytest.mark.integration

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from cabb_ray.config import LOSS_TERMS, load_config
-from cabb_ray.engine import TrainModule, TrainState, lr_lambda, make_optimizer, train_step
 from cabb_ray.errors import CabbRayError, run_cli
 from cabb_ray.train import main as train_main
+from cabb_ray.training.engine import TrainModule, TrainState, lr_lambda, make_optimizer, train_step
 
 TINY = [
     "data.synthetic.num_train=6",
@@ -365,7 +365,7 @@ def test_restored_optimizer_state_follows_the_module_to_its_device(synthetic_roo
     import warnings
 
     from cabb_ray.data.panoptic_format import load_split
-    from cabb_ray.run_state import build_training, checkpoint_payload
+    from cabb_ray.training.state import build_training, checkpoint_payload
 
     cfg = load_config("cpu_quickstart", ["model.pretrained=none"])
     categories = load_split(synthetic_root, "val").categories
@@ -416,3 +416,49 @@ def test_evaluation_sums_are_reduced_on_the_process_groups_device(monkeypatch):
     with pytest.raises(_Reduced):
         module.PanopticEvaluator(categories).all_reduce()
     assert seen == [torch.device("meta")]
+
+
+@pytest.mark.integration
+def test_one_worker_trains_in_this_process_without_ray_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [
+        "--mlflow-uri",
+        uri,
+        "--experiment",
+        "local",
+        *functools.reduce(operator.iadd, (["--set", s] for s in TINY), []),
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "--set",
+        "run.keep_checkpoints=1",
+        "--set",
+        "run.cpus_per_worker=1",
+    ]
+    threads = torch.get_num_threads()
+    try:
+        assert train_main([*common, "--set", "optim.epochs=2", "--name", "first"]) == 0
+        trained_with = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)  # the run set this process's threads to its CPUs
+    _, runs = _run_of(uri, "local")
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cabb_ray.launcher"] == "local"  # the loop in this process, no Ray
+    assert run.data.tags["cabb_ray.torch_threads"] == "1" == str(trained_with)
+    assert [s for s, _ in _history(uri, run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    kept = sorted(p.name for p in (tmp_path / "runs" / "first").iterdir())
+    assert kept == ["checkpoint_000002"]  # run.keep_checkpoints=1, no partial folder left
+    out = capsys.readouterr().out
+    assert f"last checkpoint: {tmp_path / 'runs' / 'first' / 'checkpoint_000002'}" in out
+
+    checkpoint = tmp_path / "runs" / "first" / "checkpoint_000002"
+    resume = ["--set", "optim.epochs=3", "--name", "second", "--resume", str(checkpoint)]
+    try:
+        assert train_main([*common, *resume]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _, runs = _run_of(uri, "local")
+    assert [s for s, _ in _history(uri, runs[1].info.run_id, "loss")] == [7, 8, 9]

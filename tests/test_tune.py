@@ -76,7 +76,7 @@ def children(tmp_path: Path, experiment: str):
 def local_ray():
     import ray
 
-    from cabb_ray.launch import TRIAL_SLOT, quiet_ray
+    from cabb_ray.training.ray_env import TRIAL_SLOT, quiet_ray
 
     quiet_ray(verbose=False)
     ray.init(num_cpus=2, resources={TRIAL_SLOT: 100}, log_to_driver=False)
@@ -121,6 +121,9 @@ def test_search_end_to_end_with_invalid_trial_and_killed_worker(
     assert "pq" not in invalid.data.metrics  # no worker ever started
     for kid in by_outcome["finished"]:
         assert kid.info.status == "FINISHED"
+        # one worker: trained by the loop in the trial's own process, threads = its CPUs
+        assert kid.data.tags["cabb_ray.launcher"] == "tune_trial"
+        assert kid.data.tags["cabb_ray.torch_threads"] == kid.data.tags["cabb_ray.cpus"] == "1"
         assert {"pq", "pc", "pq_th", "miou", "map", "cost/device_hours"} <= set(kid.data.metrics)
         assert kid.data.metrics["epoch"] == 2
         assert kid.data.metrics["cost/device_hours"] > 0
@@ -144,6 +147,31 @@ def test_search_end_to_end_with_invalid_trial_and_killed_worker(
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+@pytest.mark.integration
+def test_a_two_worker_trial_trains_under_ray_train_ddp(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fixed = {**TINY_FIXED, "data.cache_dir": str(tmp_path / "cache"), "optim.epochs": 1}
+    space = tiny_space(
+        tmp_path,
+        "ddp",
+        num_samples=1,
+        searcher={"type": "random", "seed": 0},
+        scheduler="none",
+        fixed={**fixed, "optim.steps_per_epoch": 2},
+        resources={"workers": 2, "cpus_per_worker": 1},
+        space={"loss.weights.roi_box": {"loguniform": [0.5, 2.0]}},
+    )
+    assert tune_main(["--space", str(space), "--name", "d1", *common_args(tmp_path)]) == 0
+    _, _, kids = children(tmp_path, "ddp")
+    (kid,) = kids
+    assert kid.data.tags["cabb_ray.outcome"] == "finished" and kid.info.status == "FINISHED"
+    # the same loop (it sets these tags), run by two Ray Train workers of one CPU each
+    assert kid.data.tags["cabb_ray.launcher"] == "ray_train"
+    assert kid.data.tags["cabb_ray.world_size"] == "2"
+    assert kid.data.tags["cabb_ray.torch_threads"] == "1"
+    assert "pq" in kid.data.metrics and kid.data.metrics["epoch"] == 1
 
 
 @pytest.mark.integration

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cabb_ray.structures.classes import ClassMapping
+
 IGNORE = 255
 
 
@@ -62,29 +64,6 @@ class CropWindow:
             "sigma": self.sigma,
             "flip": self.flip,
         }
-
-
-@dataclass(frozen=True)
-class ClassMapping:
-    """Category ids to the model's indices: semantic 0..C-1 (all classes, sorted by id) and
-    instance labels 1..T (thing classes, torchvision's convention: 0 is background)."""
-
-    category_ids: tuple[int, ...]
-    thing_ids: tuple[int, ...]
-
-    @classmethod
-    def from_categories(cls, categories: list[dict[str, Any]]) -> ClassMapping:
-        ordered = sorted(categories, key=lambda c: int(c["id"]))
-        return cls(
-            tuple(int(c["id"]) for c in ordered),
-            tuple(int(c["id"]) for c in ordered if c["isthing"]),
-        )
-
-    def semantic_index(self, category_id: int) -> int:
-        return self.category_ids.index(category_id)
-
-    def thing_label(self, category_id: int) -> int:
-        return self.thing_ids.index(category_id) + 1
 
 
 def _sample_ids(ids: np.ndarray, window: CropWindow) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 ISUS exists to flatten this histogram (CABB paper Sec. 2.1); the normalised entropy
 H / log(levels) is 1 for a perfectly even spread and 0 when every instance lands on one level.
-Levels come from the model's own heuristic (``cabb_ray.model.levels.box_levels``) applied to
+Levels come from the model's own heuristic (``cabb_ray.structures.levels.box_levels``) applied to
 each instance's full extent at the crop's scale (``target["full_boxes"]``): that is the size
 ISUS targets and the box a crop-aware regressor learns, even where the crop cuts it (a level
 5 instance seldom fits inside a crop, so its visible box alone would always look smaller).
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cabb_ray.data.crop_dataset import CropDataset
-from cabb_ray.model.levels import box_levels
+from cabb_ray.structures.levels import box_levels
 
 
 def level_histogram(

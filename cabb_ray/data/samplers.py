@@ -10,7 +10,7 @@ one image it chose. Scales are relative to the image rescaled so that its shorte
   it, sigma ~ U(r_st), window around a random pixel of that class.
 * ``isus`` (CABB paper Sec. 2.1): as CUS, but for a thing class also a random pyramid level and
   a random instance of the class in the image; sigma makes the instance's box size fall in that
-  level's range under the model's own level heuristic (``cabb_ray.model.levels``), within
+  level's range under the model's own level heuristic (``cabb_ray.structures.levels``), within
   r_th. Stuff classes keep sigma ~ U(r_st). One deviation from a literal reading: the level is
   drawn first and the instance among those that some sigma in r_th can put on it (any instance
   if none can). Drawing the instance first and clamping sigma piles every unreachable draw onto
@@ -34,10 +34,11 @@ import numpy as np
 import pyarrow as pa
 
 from cabb_ray.config import ExperimentConfig, ModelConfig
-from cabb_ray.data.crops import ClassMapping, CropWindow
+from cabb_ray.data.crops import CropWindow
 from cabb_ray.data.panoptic_format import PanopticSplit, read_rgb
 from cabb_ray.errors import CabbRayError
-from cabb_ray.model.levels import size_range_for_level
+from cabb_ray.structures.classes import ClassMapping
+from cabb_ray.structures.levels import size_range_for_level
 
 SAMPLERS = ("random", "cus", "isus", "full")
 

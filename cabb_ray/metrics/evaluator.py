@@ -32,27 +32,6 @@ from cabb_ray.metrics.panoptic import (
 
 PREFETCH = 3
 
-METRIC_NAMES = (
-    "pq",
-    "sq",
-    "rq",
-    "pq_th",
-    "sq_th",
-    "rq_th",
-    "pq_st",
-    "sq_st",
-    "rq_st",
-    "pc",
-    "pc_th",
-    "pc_st",
-    "pq_dagger",
-    "miou",
-    "map",
-    "map50",
-    "box_map",
-    "box_map50",
-)
-
 
 def collective_device():
     """Where tensors for torch.distributed collectives must live: NCCL (Ray Train's backend on

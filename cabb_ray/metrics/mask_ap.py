@@ -24,7 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
-SIZE_PERCENTILES = (0, 50, 75, 90, 99, 100)
+from cabb_ray.metrics.names import SIZE_PERCENTILES
 
 
 def encode_segments(index: np.ndarray, wanted: np.ndarray) -> list[dict[str, Any]]:

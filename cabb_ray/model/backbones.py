@@ -12,7 +12,10 @@ Starting weights (``model.pretrained``):
 - ``synthetic``: body + FPN pre-trained on synthetic scenes of a seed no evaluation set uses,
   shipped in ``cabb_ray/model/weights`` and reproduced by ``python -m cabb_ray.pretrain``; the
   analogue of ImageNet initialisation for the CPU network (heads still start from scratch);
-- a path: a torchvision state dict of the body, or a file written by ``cabb_ray.pretrain``.
+- ``synthetic_full``: the whole network (heads too) pre-trained on whole synthetic images; the
+  network loads it (``cabb_ray.model.pretrained``), the backbone only builds its structure;
+- a path: a torchvision state dict of the body, a body file of the earlier pre-training, or a
+  whole-network file written by ``cabb_ray.pretrain``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cabb_ray.errors import CabbRayError
+from cabb_ray.model.pretrained import FULL_BUILTIN, full_network_file
 
 WEIGHTS_PACKAGE = "cabb_ray.model.weights"
 BUILTIN_WEIGHTS = {"synthetic": "{preset}_synthetic.pt"}
@@ -109,7 +113,8 @@ def build_backbone(
         fpn_channels,
         extra_blocks=LastLevelMaxPool(),
     )
-    if starting_weights and pretrained not in ("none", "imagenet"):
+    body_file = pretrained not in ("none", "imagenet", FULL_BUILTIN)
+    if starting_weights and body_file and full_network_file(pretrained, preset) is None:
         _load_weights(backbone, body_name, preset, pretrained, fpn_channels)
     return backbone
 
@@ -128,7 +133,7 @@ def _load_weights(
             f"({path.name}); make them with python -m cabb_ray.pretrain, or use none/imagenet"
         )
     if not path.is_file():
-        expected = "none, imagenet, synthetic or a .pth path"
+        expected = "none, imagenet, synthetic, synthetic_full or a .pth path"
         raise CabbRayError(f"model.pretrained: {path} not found (expected {expected})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cabb_ray.config import EvalConfig
-from cabb_ray.data.crops import ClassMapping
+from cabb_ray.structures.classes import ClassMapping
 
 
 @dataclass

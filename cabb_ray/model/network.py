@@ -31,6 +31,7 @@ from cabb_ray.errors import CabbRayError
 from cabb_ray.model.backbones import build_backbone
 from cabb_ray.model.crop_aware_roi_heads import CropAwareRoIHeads
 from cabb_ray.model.crop_aware_rpn import CropAwareRPN
+from cabb_ray.model.pretrained import full_network_file, read_full_network_file
 
 LOSS_NAMES = {
     "loss_objectness": "rpn_objectness",
@@ -264,4 +265,9 @@ def build_model(
     things = sum(1 for c in categories if c["isthing"])
     if things == 0:
         raise CabbRayError("the dataset has no thing categories; the instance branch needs some")
-    return PanopticNet(cfg, things, len(categories), starting_weights)
+    model = PanopticNet(cfg, things, len(categories), starting_weights)
+    if starting_weights:
+        path = full_network_file(cfg.model.pretrained, cfg.model.preset)
+        if path is not None:
+            read_full_network_file(path, model, categories)
+    return model

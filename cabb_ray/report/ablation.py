@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cabb_ray.errors import CabbRayError
-from cabb_ray.metrics.mask_ap import SIZE_PERCENTILES
+from cabb_ray.metrics.names import SIZE_PERCENTILES
 from cabb_ray.report.source import SearchRecord, Trial
 
 # (column title, metric key): Table 1's columns, plus box AP (CABB acts on the boxes)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cabb_ray.errors import CabbRayError
-from cabb_ray.tune.trial import TAG_OUTCOME, TAG_SAMPLED, TAG_SEARCH, TAG_TRIAL
+from cabb_ray.tune.tags import TAG_OUTCOME, TAG_SAMPLED, TAG_SEARCH, TAG_TRIAL
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _final_evaluation(client: Any, run: Any) -> dict[str, float]:
     A run's latest value of a metric can be from an earlier evaluation: NaN values (an empty
     size bin, say) are not logged, so the final figures are read at the last evaluation's
     step (where ``epoch`` is logged with them)."""
-    from cabb_ray.metrics.evaluator import METRIC_NAMES
+    from cabb_ray.metrics.names import METRIC_NAMES
 
     epochs = client.get_metric_history(run.info.run_id, "epoch")
     if not epochs:

@@ -10,7 +10,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from cabb_ray.tune.trial import INVALID_KEY, TAG_OUTCOME, TrialSetup, open_child_run
+from cabb_ray.tune.tags import INVALID_KEY, TAG_OUTCOME
+from cabb_ray.tune.trial import TrialSetup, open_child_run
 
 
 class ChildRunCallback(Callback):

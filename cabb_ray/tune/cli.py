@@ -124,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = spec.config  # load_space built it with the same overrides
     experiment = args.experiment or spec.path.stem
 
-    from cabb_ray.launch import check_fits_locally, on_cluster, worker_resources
     from cabb_ray.train import prepare
+    from cabb_ray.training.ray_env import check_fits_locally, on_cluster, worker_resources
 
     resources = worker_resources(cfg, share=spec.max_concurrent_trials)
     if not on_cluster():

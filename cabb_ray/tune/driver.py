@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from cabb_ray.config import ExperimentConfig, config_to_dict, flatten_config
-from cabb_ray.launch import WorkerResources
+from cabb_ray.training.ray_env import WorkerResources
 from cabb_ray.tune.space import METRICS, SearchSpec, searched_keys
-from cabb_ray.tune.trial import TAG_BEST, TAG_OUTCOME, TAG_SEARCH, TrialSetup
+from cabb_ray.tune.tags import TAG_BEST, TAG_OUTCOME, TAG_SEARCH
+from cabb_ray.tune.trial import TrialSetup, in_process_trials
 
 STATE_FILE = "search.json"
+# A trial's process serves the next trial (benchmarks/search_overhead.py --reuse both)
+REUSE_ACTORS = True
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Search:
             # test hook: {rank, step, marker}, one Train worker of one trial dies once
             fault=json.loads(os.environ.get("CABB_RAY_TEST_FAULT", "null")),
             variants=self.spec.variants,
+            in_process=in_process_trials(self.resources, self.uri),
         )
 
     def _searcher(self):
@@ -166,20 +170,25 @@ class Search:
     def _trainable(self):
         from ray import tune
 
-        from cabb_ray.launch import TRIAL_SLOT
+        from cabb_ray.training.ray_env import TRIAL_SLOT
         from cabb_ray.tune.trial import run_trial
 
-        driver_cpus = self.spec.resources.driver_cpus
-        return tune.with_resources(
-            tune.with_parameters(run_trial, setup=self._setup()),
-            {"CPU": driver_cpus} if driver_cpus else {"CPU": 0, TRIAL_SLOT: 1},
-        )
+        setup = self._setup()
+        if setup.in_process:  # the trial's process trains: it holds the worker's resources
+            wanted = {"CPU": self.resources.cpus}
+            if self.resources.gpus:
+                wanted["GPU"] = self.resources.gpus
+        elif self.spec.resources.driver_cpus:
+            wanted = {"CPU": self.spec.resources.driver_cpus}
+        else:
+            wanted = {"CPU": 0, TRIAL_SLOT: 1}
+        return tune.with_resources(tune.with_parameters(run_trial, setup=setup), wanted)
 
     def run(self, resume: bool) -> bool:
         """Run (or continue) the trials; True when every trial has ended."""
         from ray import tune
 
-        from cabb_ray.launch import init_ray
+        from cabb_ray.training.ray_env import init_ray
         from cabb_ray.tune.callbacks import ChildRunCallback
 
         init_ray(verbose=self.verbose)
@@ -199,11 +208,16 @@ class Search:
                     num_samples=self.spec.num_samples,
                     max_concurrent_trials=self.spec.max_concurrent_trials,
                     trial_dirname_creator=lambda trial: trial.trial_id,
+                    reuse_actors=REUSE_ACTORS,
                 ),
                 run_config=tune.RunConfig(
                     name=self.name,
                     storage_path=self.storage,
                     failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
+                    # in-process trials' checkpoints (Train keeps its own for DDP trials)
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=self.cfg.run.keep_checkpoints
+                    ),
                     callbacks=[ChildRunCallback(self._setup())],
                     verbose=2 if self.verbose else 1,
                 ),
@@ -228,9 +242,10 @@ class Search:
         import ray
 
         from cabb_ray.errors import CabbRayError
-        from cabb_ray.launch import TRIAL_SLOT
+        from cabb_ray.training.ray_env import TRIAL_SLOT
 
-        if not self.spec.resources.driver_cpus and TRIAL_SLOT not in ray.cluster_resources():
+        needs_slot = not self.spec.resources.driver_cpus and not self._setup().in_process
+        if needs_slot and TRIAL_SLOT not in ray.cluster_resources():
             raise CabbRayError(
                 f"the Ray cluster declares no '{TRIAL_SLOT}' resource for trial drivers: add "
                 f"resources: {{{TRIAL_SLOT}: 100}} to its head node or set "

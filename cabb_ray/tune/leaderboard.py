@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from cabb_ray.metrics.evaluator import METRIC_NAMES
-from cabb_ray.tune.trial import TAG_OUTCOME, TAG_SAMPLED, TAG_TRIAL, children_filter
+from cabb_ray.metrics.names import METRIC_NAMES
+from cabb_ray.tune.tags import TAG_OUTCOME, TAG_SAMPLED, TAG_TRIAL, children_filter
 
 SHOWN_METRICS = (*METRIC_NAMES, "best_pq")
 

@@ -30,7 +30,7 @@ from cabb_ray.config import (
     validate,
 )
 from cabb_ray.errors import CabbRayError
-from cabb_ray.metrics.evaluator import METRIC_NAMES
+from cabb_ray.metrics.names import METRIC_NAMES
 
 METRICS = list(METRIC_NAMES)
 SEARCHERS = ("tpe", "nsga2", "random", "grid")

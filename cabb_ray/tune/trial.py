@@ -1,11 +1,14 @@
-"""One search trial: a Tune function trainable that runs a Ray Train run for its config.
+"""One search trial: a Tune function trainable that trains its config.
 
 The trial applies its sampled values to the typed base config (an invalid combination ends
-the trial at once, with the reason, before any worker starts), opens its MLflow child run
-(the same one again when Tune restarts or resumes the trial, found by the trial-id tag) and
-fits a ``TorchTrainer`` whose run name is the trial id, so that a restarted trial continues
-from Train's last checkpoint. ``TuneReportCallback`` forwards rank 0's reports to Tune.
-The driver's ``ChildRunCallback`` gives every child run its final status.
+the trial at once, with the reason, before any training starts) and opens its MLflow child run
+(the same one again when Tune restarts or resumes the trial, found by the trial-id tag). A
+one-worker trial then runs the training loop in its own process (``TuneTrialSession``: each
+epoch a ``ray.tune.report`` with a checkpoint; a restarted trial continues from
+``ray.tune.get_checkpoint()``). A trial of several workers fits a ``TorchTrainer`` whose run
+name is the trial id, so that a restarted trial continues from Train's last checkpoint, and
+``TuneReportCallback`` forwards rank 0's reports. Both run the same loop. The driver's
+``ChildRunCallback`` gives every child run its final status.
 """
 
 from __future__ import annotations
@@ -16,18 +19,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cabb_ray.config import config_from_dict
+from cabb_ray.config import config_from_dict, config_to_dict
 from cabb_ray.errors import CabbRayError
-from cabb_ray.launch import WorkerResources
-from cabb_ray.train import REPORT_FIRST
-
-TAG_SEARCH = "cabb_ray.search"  # on the parent and every child: the search's name
-TAG_TRIAL = "cabb_ray.trial_id"
-TAG_OUTCOME = "cabb_ray.outcome"  # finished | early_stopped | failed | invalid | interrupted
-TAG_SAMPLED = "cabb_ray.sampled"  # JSON of the searched values
-TAG_BEST = "cabb_ray.best"
-TAG_VARIANT = "cabb_ray.variant"  # an ablation row's name (space files with variants:)
-INVALID_KEY = "invalid_config"
+from cabb_ray.tracking_relay import needs_relay, worker_tracking_uri
+from cabb_ray.training.loop import REPORT_FIRST, LoopArgs, train_loop
+from cabb_ray.training.ray_env import WorkerResources, on_cluster
+from cabb_ray.training.sessions import TuneTrialSession, local_device
+from cabb_ray.tune.tags import (
+    INVALID_KEY,
+    TAG_SAMPLED,
+    TAG_SEARCH,
+    TAG_TRIAL,
+    TAG_VARIANT,
+    children_filter,
+)
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,19 @@ class TrialSetup:
     last_epoch: int  # where every trial ends: optim.epochs, or ASHA's max_t
     resources: WorkerResources
     verbose: bool = False
-    fault: dict[str, Any] | None = None  # test hook, see cabb_ray.train._maybe_die
+    fault: dict[str, Any] | None = None  # test hook, see cabb_ray.training.loop._maybe_die
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # one worker trains in the trial's own process; see in_process_trials
+    in_process: bool = True
 
 
-def children_filter(search: str, trial_id: str | None = None) -> str:
-    """MLflow filter for a search's child runs (names are checked to hold no quotes)."""
-    trial = f"= '{trial_id}'" if trial_id else "!= ''"
-    return f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_TRIAL}` {trial}"
+def in_process_trials(resources: WorkerResources, uri: str) -> bool:
+    """Whether trials train in their own Tune process: one worker, and a tracking store that
+    the node running the trial reaches. On a cluster whose MLflow only the head reaches
+    (cluster/*.yaml: a server on the head's loopback), the trial's process stays on the head
+    and its one worker runs under Ray Train on a GPU node, where MLflow goes through the relay.
+    """
+    return resources.workers == 1 and not (on_cluster() and needs_relay(uri))
 
 
 def find_child_run(uri: str, experiment_id: str, search: str, trial_id: str) -> str | None:
@@ -104,9 +114,7 @@ def open_child_run(
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable (bound to ``setup`` with ``tune.with_parameters``)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cabb_ray.launch import build_trainer
     from cabb_ray.tune.space import trial_config
 
     started_at = time.time()
@@ -118,19 +126,35 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         _report_invalid(setup, trial_id, name, config, str(err))
         return
     run_id = open_child_run(setup, trial_id, name, config, cfg)
+    args = LoopArgs(
+        config=config_to_dict(cfg),
+        root=setup.root,
+        run_id=run_id,
+        mlflow_uri=setup.uri,
+        fault=setup.fault,
+        eval_epochs=setup.eval_epochs,
+        verbose=setup.verbose,
+        started_at=started_at,
+    )
+    if setup.in_process:  # the trial holds the worker's CPUs
+        args.threads = max(1, int(setup.resources.cpus))
+        train_loop(args, TuneTrialSession(local_device(setup.resources.gpus > 0)))
+        return
+    # several workers: DDP under Ray Train; its import (~2 s) only for such trials
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cabb_ray.training.ray_train import build_trainer
+
+    args.mlflow_uri = worker_tracking_uri(
+        setup.uri, on_cluster()
+    )  # a relay where workers cannot reach it
     trainer = build_trainer(
         cfg,
-        setup.uri,
-        setup.root,
-        run_id,
+        args,
         trial_id,
         setup.resources,
         setup.train_storage,
-        eval_epochs=list(setup.eval_epochs),
         callbacks=[TuneReportCallback()],
-        fault=setup.fault,
-        verbose=setup.verbose,
-        started_at=started_at,
     )
     trainer.fit()
 

@@ -20,13 +20,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cabb_ray.config import ExperimentConfig
-from cabb_ray.data.crops import ClassMapping
 from cabb_ray.data.panoptic_format import PanopticSplit, segments_from_ids
 from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.balancing import LossBalancer, host_values
 from cabb_ray.metrics import PanopticEvaluator
 from cabb_ray.model.fusion import PanopticPrediction, panoptic_fusion
 from cabb_ray.model.network import PanopticNet
+from cabb_ray.structures.classes import ClassMapping
 
 
 class TrainModule(nn.Module):

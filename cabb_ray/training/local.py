@@ -16,9 +16,9 @@ import torch
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
 from cabb_ray.data.panoptic_format import load_split
-from cabb_ray.engine import TrainModule, evaluate, train_step
 from cabb_ray.losses.balancing import host_values
-from cabb_ray.run_state import build_training
+from cabb_ray.training.engine import TrainModule, evaluate, train_step
+from cabb_ray.training.state import build_training
 
 
 @dataclass

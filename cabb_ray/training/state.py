@@ -14,10 +14,16 @@ from typing import Any
 import torch
 
 from cabb_ray.config import ExperimentConfig
-from cabb_ray.engine import TrainModule, TrainState, make_optimizer, rng_state, set_rng_state
 from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.balancing import LossBalancer
 from cabb_ray.model.network import build_model
+from cabb_ray.training.engine import (
+    TrainModule,
+    TrainState,
+    make_optimizer,
+    rng_state,
+    set_rng_state,
+)
 
 # TrainState fields checkpointed
 STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics", "train_seconds")

@@ -1,8 +1,7 @@
-"""Building one Ray Train run: what ``cabb_ray.train`` and every search trial share.
+"""Ray's environment, for the launchers and the search driver (a leaf: no training code).
 
-Resources are checked before Ray starts (a request that can never fit would otherwise make
-Ray Train V2 wait or retry forever), Ray's console output is quieted unless asked for, and the
-``TorchTrainer`` gets an absolute storage path (Tune changes a trial's working directory).
+Cluster detection, what a run asks Ray for (checked before Ray starts: a request that can
+never fit would otherwise make Ray wait or retry forever), Ray's start-up, and quiet logs.
 """
 
 from __future__ import annotations
@@ -12,9 +11,8 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cabb_ray.config import ExperimentConfig, config_to_dict
+from cabb_ray.config import ExperimentConfig
 from cabb_ray.errors import CabbRayError
 
 
@@ -143,68 +141,4 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # Python log level in every Ray process (workers' "Reporting training result" lines)
         logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         resources=None if address else {TRIAL_SLOT: 1000},
-    )
-
-
-def build_trainer(
-    cfg: ExperimentConfig,
-    uri: str,
-    root: Path,
-    run_id: str,
-    name: str,
-    resources: WorkerResources,
-    storage: str | Path,
-    eval_epochs: list[int] | None = None,
-    callbacks: list[Any] | None = None,
-    resume: str | None = None,
-    fault: dict[str, Any] | None = None,
-    verbose: bool = False,
-    started_at: float | None = None,
-):
-    """The ``TorchTrainer`` of one training run. ``name`` must be unique to the run: Ray Train
-    restores automatically when storage and name repeat (that is how a restarted search trial
-    continues). ``fault`` is a test hook ({rank, step, marker}: that worker exits at that step,
-    once)."""
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
-    from cabb_ray.tracking_relay import worker_tracking_uri
-    from cabb_ray.train import train_loop
-
-    storage = str(storage)
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config_to_dict(cfg),
-            "root": str(Path(root).resolve()),
-            "run_id": run_id,
-            "mlflow_uri": worker_tracking_uri(uri),  # a relay where workers cannot reach it
-            "resume": resume,
-            "fault": fault,
-            "eval_epochs": sorted(set(eval_epochs or [])),
-            "verbose": verbose,
-            "started_at": started_at,  # a search trial's start (time.time()), for start-up time
-        },
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker=resources.ray_resources(),
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=callbacks,
-            logging_config=LoggingConfig(log_level="INFO" if verbose else "ERROR"),
-        ),
     )

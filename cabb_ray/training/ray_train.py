@@ -1,0 +1,59 @@
+"""Launcher for runs of several workers: a ``TorchTrainer`` (Ray 2.60 Train V2, DDP over gloo
+on CPU or NCCL on GPU) whose workers run the one training loop in a ``RayTrainSession``.
+
+The trainer gets an absolute storage path (Tune changes a trial's working directory) and a run
+name unique to the run: Ray Train restores automatically when storage and name repeat, which
+is how a restarted search trial continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cabb_ray.config import ExperimentConfig
+from cabb_ray.training.loop import LoopArgs, train_loop
+from cabb_ray.training.ray_env import WorkerResources
+from cabb_ray.training.sessions import RayTrainSession
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: the loop, as this rank sees it."""
+    train_loop(LoopArgs.from_dict(config), RayTrainSession())
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    args: LoopArgs,
+    name: str,
+    resources: WorkerResources,
+    storage: str | Path,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of one multi-worker run (``args.threads`` is set here: each worker
+    holds ``cpus_per_worker`` CPUs)."""
+    storage = str(storage)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    args.threads = max(1, int(resources.cpus_per_worker))
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=args.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=resources.ray_resources(),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="INFO" if args.verbose else "ERROR"),
+        ),
+    )
