@@ -140,7 +140,7 @@ def launched_epochs(cfg, root: str, folder: Path, launcher: str) -> tuple[list[f
     run_id = start_run(cfg, uri, "ray_overhead", launcher)
     args = LoopArgs(config_to_dict(cfg), root, run_id, uri, threads=2)
     start = time.perf_counter()
-    init_ray()
+    init_ray(dashboard=launcher != "tune_trial")  # as the search starts Ray for each path
     if launcher == "tune_trial":
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial_function), {"CPU": 2}),

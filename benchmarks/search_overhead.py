@@ -73,7 +73,6 @@ def one_search(space: str, trials: int, overrides: list[str], reuse: bool) -> di
         ],
         "gaps": gaps,
         "epochs": [int(r.data.metrics.get("epoch", 0)) for r in runs],
-        "steps": [int(r.data.metrics.get("step", 0)) for r in runs],
         "launchers": sorted({r.data.tags.get("cabb_ray.launcher", "?") for r in runs}),
     }
 
@@ -100,7 +99,7 @@ def main() -> int:
         share = r["train"] / r["wall"]
         print(
             f"\nreuse_actors={reuse}: {len(r['epochs'])} trials ({', '.join(r['launchers'])}; "
-            f"epochs {r['epochs']}, steps {r['steps']}), wall {r['wall']:.1f} s"
+            f"epochs {r['epochs']}), wall {r['wall']:.1f} s"
         )
         print(f"  inside training steps: {r['train']:.1f} s -> share {share:.3f} (target >= 0.85)")
         print(

@@ -12,7 +12,10 @@ shipped file keeps every weight in fp16 plus how it was made (total steps over a
 seed, commands, the learning curve on its own held-out scenes).
 
 Long work: a progress line with ETA, an evaluation on held-out scenes of the same seed every
-``--eval-every`` steps, and a resumable state written at each evaluation (``--resume``).
+``--eval-every`` steps, and a resumable state (plus a snapshot of the weights) written at each
+evaluation in ``--state-dir`` (``--resume``; Ctrl-C prints the command). ``--out`` is written
+once the sitting's schedule has ended. A sitting started with ``--init-from`` has its own
+warm-up and decay and draws another stream of images and scales.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from cabb_ray.model.pretrained import (
     builtin_full_weights_path,
     full_network_payload,
     read_full_network_file,
+    read_weights_file,
 )
 from cabb_ray.training.engine import evaluate, train_step
 from cabb_ray.training.state import build_training, checkpoint_payload
@@ -84,8 +88,9 @@ def _check_writable(out: Path) -> None:
         raise CabbRayError(f"--out {out}: {folder} is not writable; pass --out PATH")
 
 
-def pretraining_config(args: argparse.Namespace) -> ExperimentConfig:
-    """The network of ``--config`` trained from scratch on whole images: CABB off, no ISUS."""
+def pretraining_config(args: argparse.Namespace, first_step: int = 0) -> ExperimentConfig:
+    """The network of ``--config`` trained from scratch on whole images: CABB off, no ISUS.
+    A later sitting (``first_step`` > 0) draws another stream of images and scales."""
     if args.steps < 2:
         raise CabbRayError(f"--steps: expected >= 2, got {args.steps}")
     if args.eval_every < 1 or args.steps % args.eval_every:
@@ -112,7 +117,7 @@ def pretraining_config(args: argparse.Namespace) -> ExperimentConfig:
             f"optim.lr={args.lr}",
             f"optim.amp={'true' if args.device == 'cuda' else 'false'}",
             "eval.max_images=null",
-            f"run.seed={args.seed}",
+            f"run.seed={args.seed + first_step}",
             *args.overrides,
         ],
     )
@@ -197,10 +202,9 @@ def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
         )
     if args.resume and not state_file.is_file():
         raise CabbRayError(f"--resume: no pre-training state at {state_file} (see --state-dir)")
-    root = resolve_dataset_root(cfg.data)
-    val = load_split(root, cfg.data.val_split)
 
-    payload, history = None, {"sittings": [], "curve": [], "train_seconds": 0.0, "steps": 0}
+    payload, prior = None, None
+    history = {"sittings": [], "curve": [], "train_seconds": 0.0, "steps": 0}
     if args.resume:
         payload = load_checkpoint(state_file)
         history = payload["pretrain"]
@@ -212,15 +216,29 @@ def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
                 f"--resume: {state_file} was started with other arguments "
                 f"({', '.join(sorted(differs))}); resume with the same ones"
             )
-    parts = build_training(cfg, val.categories, device, payload)
-    if args.init_from:
-        prior = read_full_network_file(args.init_from, parts.module.model, val.categories)
+    elif args.init_from:
+        prior = read_weights_file(args.init_from)
+        meta = prior.get("meta", {})
+        if not meta.get("complete", True):
+            print(
+                f"warning: {args.init_from} is a snapshot taken in the middle of a schedule "
+                f"(step {meta.get('total_steps')}); --resume its state instead if you still "
+                "have it",
+                file=sys.stderr,
+            )
         history = {
-            "sittings": list(prior["meta"]["sittings"]),
-            "curve": list(prior["meta"]["curve"]),
-            "train_seconds": float(prior["meta"]["train_seconds"]),
-            "steps": int(prior["meta"]["total_steps"]),
+            "sittings": list(meta.get("sittings", [])),
+            "curve": list(meta.get("curve", [])),
+            "train_seconds": float(meta.get("train_seconds", 0.0)),
+            "steps": int(meta.get("total_steps", 0)),
         }
+    first_step = history["sittings"][-1]["first_step"] if args.resume else history["steps"]
+    cfg = pretraining_config(args, first_step)
+    root = resolve_dataset_root(cfg.data)
+    val = load_split(root, cfg.data.val_split)
+    parts = build_training(cfg, val.categories, device, payload)
+    if prior is not None:
+        read_full_network_file(args.init_from, parts.module.model, val.categories)
     module, optimizer, scheduler, scaler, state = parts
     if not args.resume:
         history["sittings"].append(
@@ -285,8 +303,9 @@ def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
             **checkpoint_payload(parts),
             pretrain=history,
         )
-        # a usable file at every evaluation, marked incomplete until the schedule ends
-        _write_weights(out, module.model, cfg, val.categories, history, state, offset, False)
+        # a usable file at every evaluation, beside the state: --out only gets finished ones
+        snapshot = state_dir / "snapshot.pt"
+        _write_weights(snapshot, module.model, cfg, val.categories, history, state, offset, False)
     out = _write_weights(out, module.model, cfg, val.categories, history, state, offset, True)
     state_file.replace(state_dir / "finished.pt")  # nothing left to resume
     size = out.stat().st_size / 2**20
@@ -303,6 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CabbRayError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the state of the last evaluation is kept; continue with\n"
+            f"  python -m cabb_ray.pretrain {shlex.join([*argv, '--resume'])}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

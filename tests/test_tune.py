@@ -90,7 +90,7 @@ def test_search_end_to_end_with_invalid_trial_and_killed_worker(
 ):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "killed"
-    # Rank 0 of whichever trial first reaches step 4 dies once; Train restarts it from its
+    # Rank 0 of whichever trial first reaches step 4 dies once; Tune restarts it from its
     # epoch-1 checkpoint (run.max_failures=1) and the search goes on.
     monkeypatch.setenv(
         "CABB_RAY_TEST_FAULT", json.dumps({"rank": 0, "step": 4, "marker": str(marker)})
@@ -179,8 +179,8 @@ def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     # A huge stuff_min_area drops every predicted segment: PC is exactly 0, below the first
     # trial's, so ASHA stops that trial at its first rung (epoch 1). Grid seed 1 runs the
-    # normal trial first. The stop reaches the Train workers asynchronously, so the stopped
-    # trial may finish another epoch or so first; it must still end before max_t.
+    # normal trial first. The stop reaches the trial's training thread asynchronously, so the
+    # stopped trial may finish another epoch or so first; it must still end before max_t.
     space = tiny_space(
         tmp_path,
         "asha",

@@ -10,8 +10,9 @@ Starting weights (``model.pretrained``):
 - ``none``: trained from scratch, ordinary batch norm, every stage trains;
 - ``imagenet``: torchvision's ImageNet weights (downloaded; frozen batch norm);
 - ``synthetic``: body + FPN pre-trained on synthetic scenes of a seed no evaluation set uses,
-  shipped in ``cabb_ray/model/weights`` and reproduced by ``python -m cabb_ray.pretrain``; the
-  analogue of ImageNet initialisation for the CPU network (heads still start from scratch);
+  shipped in ``cabb_ray/model/weights`` (made by the body-only ``cabb_ray.pretrain`` of commit
+  941cd2c, on ISUS crops with CABB on; kept for comparison); the analogue of
+  ImageNet initialisation for the CPU network (heads still start from scratch);
 - ``synthetic_full``: the whole network (heads too) pre-trained on whole synthetic images; the
   network loads it (``cabb_ray.model.pretrained``), the backbone only builds its structure;
 - a path: a torchvision state dict of the body, a body file of the earlier pre-training, or a
@@ -33,7 +34,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cabb_ray.errors import CabbRayError
-from cabb_ray.model.pretrained import FULL_BUILTIN, full_network_file
+from cabb_ray.model.pretrained import FULL_BUILTIN, full_network_file, read_weights_file
 
 WEIGHTS_PACKAGE = "cabb_ray.model.weights"
 BUILTIN_WEIGHTS = {"synthetic": "{preset}_synthetic.pt"}
@@ -135,17 +136,8 @@ def _load_weights(
     if not path.is_file():
         expected = "none, imagenet, synthetic, synthetic_full or a .pth path"
         raise CabbRayError(f"model.pretrained: {path} not found (expected {expected})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only errors have no common base
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CabbRayError(
-            f"model.pretrained: {path} is not a readable weights file "
-            f"({type(err).__name__}: {first})"
-        ) from None
-    if not isinstance(state, dict):
-        raise CabbRayError(f"model.pretrained: {path} holds no state dict")
-    if isinstance(state, dict) and "backbone" in state and "meta" in state:
+    state = read_weights_file(path)
+    if "backbone" in state and "meta" in state:
         meta = state["meta"]
         if (meta.get("body"), meta.get("fpn_channels")) != (body_name, fpn_channels):
             raise CabbRayError(
@@ -160,13 +152,3 @@ def _load_weights(
     result = backbone.body.load_state_dict(state, strict=False)
     if len(result.missing_keys) == len(backbone.body.state_dict()):
         raise CabbRayError(f"model.pretrained: {path} holds no {body_name} weights")
-
-
-def backbone_payload(backbone: BackboneWithFPN, body_name: str, meta: dict[str, Any]) -> dict:
-    """What ``cabb_ray.pretrain`` writes: body + FPN in fp16 (floats) and how they were made."""
-    state = {
-        k: v.half() if v.is_floating_point() else v
-        for k, v in backbone.state_dict().items()
-        if not k.endswith("num_batches_tracked")
-    }
-    return {"backbone": state, "meta": {"body": body_name, **meta}}

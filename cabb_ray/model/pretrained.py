@@ -9,6 +9,7 @@ or another class set fails with one line naming the file and what differs.
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,13 @@ def full_network_file(pretrained: str, preset: str) -> Path | None:
     if pretrained in ("none", "imagenet", "synthetic"):
         return None
     path = Path(pretrained).expanduser()
-    if path.is_file() and _read(path).get("format") == FULL_FORMAT:
+    if path.is_file() and read_weights_file(path).get("format") == FULL_FORMAT:
         return path
     return None
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_weights_file(path: Path) -> dict[str, Any]:
+    """A weights file's dict, read without running any pickled code (``weights_only``)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights-only errors have no common base
@@ -84,13 +86,19 @@ def read_full_network_file(
     path = Path(path).expanduser()
     if not path.is_file():
         raise CabbRayError(f"model.pretrained: {path} not found")
-    payload = _read(path)
+    payload = read_weights_file(path)
     if payload.get("format") != FULL_FORMAT:
         raise CabbRayError(
             f"model.pretrained: {path} is not a whole-network file (expected format "
             f"{FULL_FORMAT}; body-only files load with model.pretrained=synthetic or their path)"
         )
     meta = payload.get("meta", {})
+    if meta.get("complete") is False:
+        print(
+            f"warning: {path} is a snapshot at step {meta.get('total_steps')} of an unfinished "
+            "pre-training",
+            file=sys.stderr,
+        )
     body = getattr(getattr(model, "arch", None), "backbone", None)
     if meta.get("body") != body:
         raise CabbRayError(

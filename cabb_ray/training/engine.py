@@ -1,7 +1,8 @@
 """The training and evaluation steps, independent of Ray.
 
-``cabb_ray.train`` runs these inside Ray Train workers; ``benchmarks/ray_overhead.py`` runs the
-same code in a plain loop to measure what Ray costs. Distributed behaviour (DDP gradient
+The training loop (``training/loop.py``) runs these wherever it runs (a Tune trial's process, a
+Ray Train worker, a plain process); ``benchmarks/ray_overhead.py`` runs the same code in a plain
+loop to measure what Ray costs. Distributed behaviour (DDP gradient
 averaging, agreeing on skipped steps, merging evaluation sums) only uses ``torch.distributed``
 when it is initialised.
 """

@@ -6,7 +6,11 @@
   from the last one (``ray.tune.get_checkpoint``).
 - ``RayTrainSession``: one rank of a multi-worker run under Ray Train (DDP).
 - ``LocalSession``: ``cabb_ray.train`` with one worker, no Ray at all; checkpoints are kept in
-  the run's folder as Ray Train would lay them out (``checkpoint_NNNNNN/checkpoint.pt``).
+  the run's folder as Ray Train would lay them out (``checkpoint_NNNNNN/checkpoint.pt``); a
+  crashed run is continued with ``--resume`` (no automatic restart).
+
+``ray.tune`` and ``ray.train`` are imported inside the methods that use them: the plain
+one-worker run never loads Ray.
 """
 
 from __future__ import annotations
@@ -18,12 +22,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from cabb_ray.errors import CabbRayError
 from cabb_ray.model.checkpoint import load_checkpoint
 
 
 def local_device(gpu: bool) -> torch.device:
-    """The device of a one-process run: the trial's GPU when it asked for one."""
-    return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+    """The device of a one-process run: the GPU it asked for (Ray's CUDA_VISIBLE_DEVICES makes
+    it ``cuda``), never a silent fall-back to the CPU."""
+    if gpu and not torch.cuda.is_available():
+        raise CabbRayError("run.gpu: this process was given no CUDA device (train on CPU: drop it)")
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def _payload(checkpoint: Any) -> dict[str, Any] | None:
+    """The training checkpoint inside a Ray (Tune or Train) checkpoint, if there is one."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / "checkpoint.pt")
 
 
 class TuneTrialSession:
@@ -38,11 +54,7 @@ class TuneTrialSession:
     def restored(self) -> dict[str, Any] | None:
         import ray.tune
 
-        checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / "checkpoint.pt")
+        return _payload(ray.tune.get_checkpoint())
 
     def prepare(self, module: nn.Module) -> nn.Module:
         return module
@@ -70,11 +82,7 @@ class RayTrainSession:
     def restored(self) -> dict[str, Any] | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / "checkpoint.pt")
+        return _payload(ray.train.get_checkpoint())
 
     def prepare(self, module: nn.Module) -> nn.Module:
         import ray.train.torch

@@ -36,6 +36,9 @@ class Search:
     verbose: bool = False
     parent_run_id: str = ""
     experiment_id: str = ""
+    # whether one-worker trials train in their Tune process; a search keeps what it started
+    # with (searches saved before this existed ran every trial under Ray Train)
+    in_process: bool | None = None
 
     def __post_init__(self) -> None:
         from cabb_ray.tracking import experiment_id
@@ -53,6 +56,7 @@ class Search:
         from cabb_ray.tracking import RunLogger, start_run
 
         if state:
+            self.in_process = bool(state.get("in_process", False))
             self.parent_run_id = state["parent_run_id"]
             RunLogger(self.uri, self.parent_run_id).reopen()
             print(f"resuming search {self.name} (MLflow parent run {self.parent_run_id})")
@@ -94,6 +98,7 @@ class Search:
                     "space": str(self.spec.path.resolve()),
                     "num_samples": self.spec.num_samples,
                     "scheduler": "asha" if self.spec.scheduler else "none",
+                    "in_process": self._in_process(),
                 },
                 indent=2,
             )
@@ -105,6 +110,17 @@ class Search:
         )
 
     # ------------------------------------------------------------------ Tune
+    def _in_process(self) -> bool:
+        if self.in_process is None:
+            self.in_process = in_process_trials(self.resources, self.uri)
+        return self.in_process
+
+    def _max_failures(self) -> int:
+        """Tune's restarts of a trial. An in-process trial has no Ray Train of its own to
+        restart its worker ``run.max_failures`` times first: Tune gets those restarts too."""
+        extra = self.cfg.run.max_failures if self._in_process() else 0
+        return self.spec.max_failures + extra
+
     def _setup(self) -> TrialSetup:
         rungs = self.spec.scheduler.rungs() if self.spec.scheduler else []
         return TrialSetup(
@@ -125,7 +141,7 @@ class Search:
             # test hook: {rank, step, marker}, one Train worker of one trial dies once
             fault=json.loads(os.environ.get("CABB_RAY_TEST_FAULT", "null")),
             variants=self.spec.variants,
-            in_process=in_process_trials(self.resources, self.uri),
+            in_process=self._in_process(),
         )
 
     def _searcher(self):
@@ -191,7 +207,8 @@ class Search:
         from cabb_ray.training.ray_env import init_ray
         from cabb_ray.tune.callbacks import ChildRunCallback
 
-        init_ray(verbose=self.verbose)
+        # in-process trials need no Ray Train, and so no dashboard (Train V2 uses its state API)
+        init_ray(verbose=self.verbose, dashboard=self.verbose or not self._in_process())
         self._check_cluster()
         path = f"{self.storage.rstrip('/')}/{self.name}"
         if resume and tune.Tuner.can_restore(path):
@@ -213,7 +230,7 @@ class Search:
                 run_config=tune.RunConfig(
                     name=self.name,
                     storage_path=self.storage,
-                    failure_config=tune.FailureConfig(max_failures=self.spec.max_failures),
+                    failure_config=tune.FailureConfig(max_failures=self._max_failures()),
                     # in-process trials' checkpoints (Train keeps its own for DDP trials)
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=self.cfg.run.keep_checkpoints
