@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from cabb_ray.config import ExperimentConfig, load_config
+from cabb_ray.config import ExperimentConfig, config_to_dict, load_config
 from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.data.resolve import resolve_dataset_root
@@ -138,7 +138,7 @@ def pretraining_config(args: argparse.Namespace, first_step: int = 0) -> Experim
 
 def _recorded_args(args: argparse.Namespace) -> dict[str, str]:
     """The arguments that define a run (a resume must repeat them), as strings."""
-    ignored = ("resume", "device", "state_dir", "log_every")
+    ignored = ("resume", "state_dir", "log_every")
     return {k: str(v) for k, v in vars(args).items() if k not in ignored}
 
 
@@ -180,6 +180,17 @@ def _write_weights(
     return out
 
 
+def _state_file(args: argparse.Namespace, cfg: ExperimentConfig | None = None) -> Path:
+    """Where a run keeps its resumable state (``--state-dir``, default in the cache)."""
+    cfg = cfg or pretraining_config(args)
+    folder = args.state_dir or (
+        Path(cfg.data.cache_dir).expanduser()
+        / "pretrain"
+        / f"{cfg.model.preset}-seed{cfg.data.synthetic.seed}"
+    )
+    return folder / "last.pt"
+
+
 def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     cfg = pretraining_config(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -187,12 +198,8 @@ def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     device = torch.device(args.device)
     out = args.out or builtin_full_weights_path(cfg.model.preset)
     _check_writable(out)
-    state_dir = args.state_dir or (
-        Path(cfg.data.cache_dir).expanduser()
-        / "pretrain"
-        / f"{cfg.model.preset}-seed{cfg.data.synthetic.seed}"
-    )
-    state_file = state_dir / "last.pt"
+    state_file = _state_file(args, cfg)
+    state_dir = state_file.parent
     if args.resume and args.init_from:
         raise CabbRayError("--resume continues a run; --init-from starts one: give one of them")
     if not args.resume and state_file.is_file():
@@ -234,6 +241,11 @@ def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
         }
     first_step = history["sittings"][-1]["first_step"] if args.resume else history["steps"]
     cfg = pretraining_config(args, first_step)
+    if payload is not None and payload["config"] != config_to_dict(cfg):
+        raise CabbRayError(
+            f"--resume: {state_file} was started with another configuration (the --config "
+            "file or the defaults changed since); resume with the same ones"
+        )
     root = resolve_dataset_root(cfg.data)
     val = load_split(root, cfg.data.val_split)
     parts = build_training(cfg, val.categories, device, payload)
@@ -323,11 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the state of the last evaluation is kept; continue with\n"
-            f"  python -m cabb_ray.pretrain {shlex.join([*argv, '--resume'])}",
-            file=sys.stderr,
-        )
+        again = [a for a in argv if a != "--resume"]
+        if "--init-from" in again:  # the state now holds the sitting it started
+            k = again.index("--init-from")
+            del again[k : k + 2]
+        print("\ninterrupted", file=sys.stderr)
+        if _state_file(args).is_file():
+            print(
+                "the state of the last evaluation is kept; continue with\n"
+                f"  python -m cabb_ray.pretrain {shlex.join([*again, '--resume'])}",
+                file=sys.stderr,
+            )
         return 130
     return 0
 

@@ -21,6 +21,7 @@ import numpy as np
 from cabb_ray.data.panoptic_format import read_ids
 from cabb_ray.errors import CabbRayError
 from cabb_ray.metrics.mask_ap import MaskAPAccumulator
+from cabb_ray.metrics.names import METRIC_NAMES
 from cabb_ray.metrics.panoptic import (
     ImageSegments,
     PanopticAccumulator,
@@ -87,12 +88,7 @@ class EvaluationResult:
                 f"{pct(m['rq' + suffix])} {pct(m['pc' + suffix])} {m['n' + suffix]:4d}"
             )
         extras = [
-            "pq_dagger",
-            "miou",
-            "map",
-            "map50",
-            "box_map",
-            "box_map50",
+            *METRIC_NAMES[METRIC_NAMES.index("pq_dagger") :],  # pq_dagger, miou, mask/box AP
             *sorted(k for k in m if k.startswith("map_")),
             *sorted(k for k in m if k.startswith("box_map_")),
         ]
