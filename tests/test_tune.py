@@ -187,7 +187,12 @@ def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypat
         metric="pc",
         searcher={"type": "grid", "seed": 1},
         scheduler={"type": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
-        fixed={**TINY_FIXED, "data.cache_dir": str(tmp_path / "cache"), "optim.epochs": 4},
+        fixed={
+            **TINY_FIXED,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "optim.epochs": 4,
+            "model.pretrained": "synthetic",  # untrained heads: no instance survives either
+        },
         space={"eval.stuff_min_area": {"grid": [64, 100000000]}},
     )
     assert tune_main(["--space", str(space), "--name", "a1", *common_args(tmp_path)]) == 0
