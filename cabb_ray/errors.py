@@ -7,14 +7,31 @@ and a non-zero exit instead of a traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2
+# A run's last report carries, under this key, an error that a restart would repeat
+# (divergence, bad data): Ray Train and Tune end the run instead of retrying it.
+ERROR_REPORT_KEY = "trial_error"
+
+# Run and search names become folder names and MLflow filter values: no separators, no quotes
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class CabbRayError(Exception):
     """A problem with the user's input (files, config, arguments), reported in one line."""
+
+
+def check_name(flag: str, name: str) -> str:
+    """``name`` if it is a safe run or search name, else a one-line error naming ``flag``."""
+    if not SAFE_NAME.match(name) or len(name) > 200:
+        raise CabbRayError(
+            f"{flag} {name!r}: expected letters, digits, '.', '_' or '-' (starting with a letter "
+            "or digit, at most 200 characters)"
+        )
+    return name
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None):

@@ -129,6 +129,27 @@ def start_run(
 RETRY_DELAYS_S = (1.0, 4.0)
 
 
+def with_retries(what: str, call, *args) -> tuple[bool, Any]:
+    """``(True, call(*args))``, retried after each of RETRY_DELAYS_S; after the last failure
+    a warning on stderr and ``(False, None)``: a tracking hiccup (sqlite "database is locked"
+    with concurrent trials, a server restarting) must not fail a trial or a training."""
+    for attempt in range(len(RETRY_DELAYS_S) + 1):
+        try:
+            return True, call(*args)
+        except Exception as err:  # sqlite, HTTP and filesystem errors of many kinds
+            if attempt == len(RETRY_DELAYS_S):
+                reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+                print(
+                    f"warning: {what} not recorded after {attempt + 1} attempts ({reason}); "
+                    "going on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return False, None
+            time.sleep(RETRY_DELAYS_S[attempt])
+    return False, None
+
+
 class RunLogger:
     """Metrics and artifacts of one run, by id (usable from any process).
 
@@ -148,22 +169,8 @@ class RunLogger:
     def _tolerant(self, what: str, write, *args) -> bool:
         """Call ``write(*args)``, retrying after each of RETRY_DELAYS_S; False if it never
         succeeded."""
-        for attempt in range(len(RETRY_DELAYS_S) + 1):
-            try:
-                write(*args)
-                return True
-            except Exception as err:  # sqlite, HTTP and filesystem errors of many kinds
-                if attempt == len(RETRY_DELAYS_S):
-                    reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-                    print(
-                        f"warning: MLflow run {self.run_id}: {what} not recorded after "
-                        f"{attempt + 1} attempts ({reason}); training goes on",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return False
-                time.sleep(RETRY_DELAYS_S[attempt])
-        return False
+        ok, _ = with_retries(f"MLflow run {self.run_id}: {what}", write, *args)
+        return ok
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

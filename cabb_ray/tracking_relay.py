@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cabb_ray.errors import CabbRayError
+
 RELAY_SCHEME = "relay://"
 NAMESPACE = "cabb_ray"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -53,6 +55,8 @@ def start_relay(uri: str) -> str:
             namespace=NAMESPACE,
             get_if_exists=True,
             lifetime="detached",  # outlives the run that started it: others share it
+            max_restarts=-1,  # it holds no state: if its process dies, Ray starts another
+            max_task_retries=3,  # and the calls in flight go to the new one
             num_cpus=0,
             max_concurrency=4,  # one trial's artifact upload does not hold up the others
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
@@ -63,8 +67,34 @@ def start_relay(uri: str) -> str:
     return RELAY_SCHEME + name
 
 
+# What RunLogger asks of a client: nothing that deletes runs or experiments, reads other
+# files or writes outside a run's artifacts (anyone on the cluster can call the actor).
+RELAYED_METHODS = frozenset(
+    {
+        "log_batch",
+        "log_text",
+        "set_tag",
+        "set_terminated",
+        "get_run",
+        "update_run",
+        "delete_tag",
+        "get_metric_history",
+    }
+)
+
+
+def check_artifact_path(path: str | None, what: str) -> None:
+    """A relative path inside a run's artifacts: no absolute path, no ``..``."""
+    if path is None:
+        return
+    parts = Path(path).parts
+    if Path(path).is_absolute() or ".." in parts or "\\" in path:
+        raise CabbRayError(f"MLflow relay: {what} {path!r}: expected a path inside the run")
+
+
 class MlflowRelay:
-    """The Ray actor: an MlflowClient on the node that reaches the server."""
+    """The Ray actor: an MlflowClient on the node that reaches the server, serving only
+    ``RELAYED_METHODS``."""
 
     def __init__(self, uri: str):
         from mlflow.tracking import MlflowClient
@@ -75,11 +105,23 @@ class MlflowRelay:
         return True
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method not in RELAYED_METHODS:
+            raise CabbRayError(
+                f"MLflow relay: {method!r} is not relayed (allowed: "
+                f"{', '.join(sorted(RELAYED_METHODS))})"
+            )
+        if method == "log_text":
+            check_artifact_path(
+                kwargs.get("artifact_file", args[2] if len(args) > 2 else None), "artifact"
+            )
         return getattr(self.client, method)(*args, **kwargs)
 
     def log_artifact_bytes(
         self, run_id: str, name: str, data: bytes, artifact_path: str | None
     ) -> None:
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise CabbRayError(f"MLflow relay: artifact name {name!r}: expected a file name")
+        check_artifact_path(artifact_path, "artifact folder")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / name
             path.write_bytes(data)
@@ -103,19 +145,27 @@ class RelayedClient:
             self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
         return self._actor
 
-    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None):
+    def _get(self, ref) -> Any:
+        """The call's result; a failed call forgets the handle, so that the next call looks
+        the relay up again (it may have been restarted or started anew)."""
         import ray
 
+        try:
+            return ray.get(ref)
+        except Exception:
+            self._actor = None
+            raise
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None):
         path = Path(local_path)
         data = path.read_bytes()
-        ray.get(self._relay().log_artifact_bytes.remote(run_id, path.name, data, artifact_path))
+        self._get(self._relay().log_artifact_bytes.remote(run_id, path.name, data, artifact_path))
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
             raise AttributeError(method)
-        import ray
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return ray.get(self._relay().call.remote(method, *args, **kwargs))
+            return self._get(self._relay().call.remote(method, *args, **kwargs))
 
         return call

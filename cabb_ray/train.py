@@ -28,7 +28,7 @@ import torch
 
 from cabb_ray.config import ExperimentConfig, config_to_dict, load_config
 from cabb_ray.data.resolve import resolve_dataset_root
-from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.errors import ERROR_REPORT_KEY, CabbRayError, check_name, run_cli
 from cabb_ray.model.checkpoint import load_checkpoint
 from cabb_ray.tracking import RunLogger, check_tracking, start_run
 from cabb_ray.tracking_relay import worker_tracking_uri
@@ -108,6 +108,8 @@ def run_training(
     )  # a relay where workers cannot reach it
     trainer = build_trainer(cfg, args, name, resources, cfg.run.output_dir)
     result = trainer.fit()
+    if ERROR_REPORT_KEY in (result.metrics or {}):  # diverged: ended without Train's retries
+        raise CabbRayError(str(result.metrics[ERROR_REPORT_KEY]))
     checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
     return RunResult(result.metrics or {}, checkpoint)
 
@@ -116,6 +118,7 @@ def _run_name(storage: str, requested: str | None) -> str:
     """A run name that is new in ``storage``: Ray Train continues the checkpoints of a run
     whose storage and name repeat, so a reused name would silently resume an older run."""
     if requested is not None:
+        check_name("--name", requested)
         if run_name_taken(storage, requested):
             raise CabbRayError(
                 f"--name {requested}: {storage}/{requested} already holds a run (Ray Train would "

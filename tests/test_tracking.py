@@ -92,6 +92,19 @@ def test_a_worker_logs_through_the_relay_actor(tmp_path):
             return logger.history("loss")
 
         assert ray.get(worker.remote(relay_uri, run_id)) == [(7, 0.5)]
+        # the relay's process dies: Ray restarts it (max_restarts) and logging goes on
+        from cabb_ray.tracking_relay import NAMESPACE
+
+        name = relay_uri[len("relay://") :]
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=False)
+
+        @ray.remote(num_cpus=1)
+        def after_restart(relay_uri: str, run_id: str) -> list:
+            logger = RunLogger(relay_uri, run_id)
+            logger.metrics({"loss": 0.25}, step=8)
+            return logger.history("loss")
+
+        assert ray.get(after_restart.remote(relay_uri, run_id)) == [(7, 0.5), (8, 0.25)]
     finally:
         ray.shutdown()
     direct = RunLogger(uri, run_id)

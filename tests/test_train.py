@@ -314,8 +314,10 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_cluster, tmp_path):
 
 
 def test_steps_the_amp_grad_scaler_skips_count_as_skipped():
-    """With AMP the GradScaler skips an overflowing step itself; it must count, or a scale
-    that never recovers would train nothing without stopping (CPU scaler, same logic)."""
+    """With AMP the GradScaler skips an overflowing step itself and halves its scale. Those
+    skips are its warm-up and do not count until the scale is down to 1; then they do, or a
+    scale that never recovers would train nothing without stopping (CPU scaler, same
+    logic): from 2**8, eight uncounted halvings, then two counted skips stop the run."""
     cfg = load_config("cpu_quickstart", ["optim.max_nonfinite_steps=2"])
     module = _InfiniteGradient()
     optimizer, scheduler = make_optimizer(module, cfg)
@@ -327,6 +329,12 @@ def test_steps_the_amp_grad_scaler_skips_count_as_skipped():
     assert scaler.get_scale() == 2.0**7  # the scaler saw the overflow and backed off
     assert torch.equal(module.weight.detach(), torch.ones(1))
     assert (state.step, state.nonfinite_total, scheduler.last_epoch) == (0, 1, 0)
+    assert state.nonfinite_streak == 0  # warm-up: not counted
+    for _ in range(7):
+        train_step(module, optimizer, scheduler, scaler, [torch.zeros(3)], [{}], state, cfg)
+    assert (scaler.get_scale(), state.nonfinite_total, state.nonfinite_streak) == (1.0, 8, 0)
+    train_step(module, optimizer, scheduler, scaler, [torch.zeros(3)], [{}], state, cfg)
+    assert state.nonfinite_streak == 1
     with pytest.raises(CabbRayError, match="2 non-finite gradient norms in a row"):
         train_step(module, optimizer, scheduler, scaler, [torch.zeros(3)], [{}], state, cfg)
 

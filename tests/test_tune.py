@@ -4,6 +4,7 @@ interrupt + resume of the command-line search."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from cabb_ray.config import load_config
@@ -143,6 +146,11 @@ def test_search_end_to_end_with_invalid_trial_and_killed_worker(
     assert cfg.optim.warmup_steps in (1, 2) and cfg.optim.epochs == 2
     assert (folder / "best" / "checkpoint.pt").is_file()
     assert f"best checkpoint: {folder / 'best' / 'checkpoint.pt'}" in out
+    # the best weights also live beside each trial's Tune checkpoints (an MLflow outage at
+    # the improving epoch does not lose them), chosen by the search's metric
+    kept = sorted(folder.glob("*/checkpoint_*/best.pt"))
+    assert kept, sorted(str(p) for p in folder.rglob("*.pt"))
+    assert torch.load(kept[-1], weights_only=True)["best"]["metric"] == "pq"
 
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = sorted(t.state.name for t in study.trials)
@@ -205,6 +213,37 @@ def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypat
     assert stopped.data.metrics["epoch"] < 4 and stopped.data.metrics["pc"] == 0.0
     assert stopped.data.metrics["cost/saved_device_hours"] > 0
     assert parents[0].data.metrics["search/saved_device_hours"] > 0
+
+
+@pytest.mark.integration
+def test_a_diverging_trial_fails_at_once_without_retries(local_ray, tmp_path, monkeypatch):
+    """Divergence repeats on every restart: the trial is failed after its first attempt
+    (Tune's FailureConfig would retry it (1 + run.max_failures) x (1 + failure.max_failures)
+    times), with the reason on its MLflow run and FAIL in the study."""
+    monkeypatch.chdir(tmp_path)
+    space = tiny_space(
+        tmp_path,
+        "diverge",
+        num_samples=1,
+        searcher={"type": "random", "seed": 0},
+        scheduler="none",
+        failure={"max_failures": 2},
+        space={"optim.lr": {"loguniform": [1e12, 1e13]}},
+    )
+    args = ["--space", str(space), "--name", "d1", "--set", "optim.max_nonfinite_steps=1"]
+    assert tune_main([*args, "--set", "optim.grad_clip_norm=null", *common_args(tmp_path)]) == 0
+    _, _, kids = children(tmp_path, "diverge")
+    assert len(kids) == 1
+    kid = kids[0]
+    assert kid.info.status == "FAILED" and kid.data.tags["cabb_ray.outcome"] == "failed"
+    assert "non-finite" in kid.data.tags["cabb_ray.error"]
+    folder = tmp_path / "runs" / "d1"
+    study = optuna.load_study(study_name="d1", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    from ray.tune import ExperimentAnalysis
+
+    (trial,) = ExperimentAnalysis(str(folder)).trials
+    assert trial.run_metadata.num_failures == 0  # never restarted
 
 
 def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
@@ -287,3 +326,82 @@ def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path):
         [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the search's whole session at once (driver, Ray's processes, trial workers),
+    as an OOM kill or a lost head would."""
+    session = os.getsid(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        pid, sid = (int(v) for v in line.split())
+        if sid == session and pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.integration
+def test_a_search_killed_right_after_a_trial_finishes_resumes_to_consistent_records(tmp_path):
+    """Tune saves its experiment state periodically, Optuna and MLflow at once: a kill in
+    between leaves a trial that started after Tune's last save. Widened here to a whole
+    trial (TUNE_GLOBAL_CHECKPOINT_S=1000: Tune saves once, at the start), the whole process
+    group is SIGKILLed while the second trial runs; after --resume, Tune, the study and
+    MLflow count each trial once and nothing stays RUNNING."""
+    space = tiny_space(
+        tmp_path,
+        "killed",
+        num_samples=3,
+        searcher={"type": "random", "seed": 0},
+        scheduler="none",
+        space={"loss.weights.roi_box": {"loguniform": [0.5, 2.0]}},
+    )
+    command = [
+        sys.executable, "-m", "cabb_ray.tune", "--space", str(space), "--name", "k1",
+        *common_args(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1000"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def second_running() -> bool:
+        if "MLflow experiment" not in (tmp_path / "first.log").read_text():
+            return False
+        try:
+            _, _, kids = children(tmp_path, "killed")
+        except Exception:
+            return False
+        done = [k for k in kids if k.data.tags.get("cabb_ray.outcome") == "finished"]
+        return len(done) == 1 and len(kids) == 2
+
+    try:
+        _wait_for(second_running, 300, first)
+    finally:
+        _kill_session(first)
+    log.close()
+
+    env.pop("TUNE_GLOBAL_CHECKPOINT_S")
+    second = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    _, parents, kids = children(tmp_path, "killed")
+    assert parents[0].info.status == "FINISHED"
+    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
+    assert {k.data.tags["cabb_ray.outcome"] for k in kids} == {"finished"}
+    folder = tmp_path / "runs" / "k1"
+    study = optuna.load_study(study_name="k1", storage=f"sqlite:///{folder / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and "RUNNING" not in states, states
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(folder)).trials
+    assert len(trials) == 3 and all(t.status == "TERMINATED" for t in trials)
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert sorted(board["trial"]) == sorted(t.trial_id for t in trials)
+    assert set(board["outcome"]) == {"finished"}
+    assert "started after the search's last saved state" in second.stdout

@@ -3,9 +3,12 @@ that a checkpoint alone is enough to rebuild its network (predict, resume, evalu
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cabb_ray.config import ExperimentConfig, config_from_dict, config_to_dict
@@ -38,6 +41,34 @@ def save_checkpoint(
     return path
 
 
+# What checkpoints written before the numpy RNG state was stored as a tensor hold besides
+# tensors and plain values: numpy arrays (reconstructing one runs no other code).
+NUMPY_ARRAY_GLOBALS = [
+    np._core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
+
+
+def safe_torch_load(path: Path, what: str) -> Any:
+    """``torch.load`` that runs no code from the file: tensors, plain values and numpy arrays
+    only (``weights_only=True``). Checkpoints come from shared storage (S3, NFS, MLflow) that
+    others can write; a file carrying any other pickled object is refused in one line."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        culprit = found.group(1) if found else "an object that is not a tensor or plain value"
+        raise CabbRayError(
+            f"{path}: refused to load: it holds {culprit}, which no cabb_ray {what} holds "
+            "(loading it could run code from the file)"
+        ) from None
+    except Exception as err:  # zip and format errors of many kinds
+        raise CabbRayError(f"{path}: not a readable {what} ({type(err).__name__})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint file, or the folder holding its ``checkpoint.pt`` (a Ray Train checkpoint,
     MLflow's ``best/``)."""
@@ -46,10 +77,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CabbRayError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle and zip errors of many kinds
-        raise CabbRayError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    payload = safe_torch_load(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CabbRayError(f"{path}: not a cabb_ray checkpoint (expected format {FORMAT})")
     return payload

@@ -9,6 +9,7 @@ when it is initialised.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,6 +84,9 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
     best_pq: float = -1.0
+    # the run's objective (a search's metric, PQ otherwise) at its best evaluation: the
+    # epoch whose weights-only checkpoint is kept as best/
+    best_score: float = math.nan
     last_metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
     train_seconds: float = 0.0  # wall time inside train_step, over restarts
     extra: dict[str, Any] = field(default_factory=dict)
@@ -95,21 +99,36 @@ def _all_ranks_finite(total: Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
+# A GradScaler starts at 2**16 and halves its scale after each step whose scaled gradients
+# overflow: those skips are how it finds its scale, not divergence, and count toward
+# optim.max_nonfinite_steps only once the scale has come down to this.
+AMP_SETTLED_SCALE = 1.0
+
+
+class DivergedError(CabbRayError):
+    """Training produced non-finite values too many steps in a row. Every rank raises it at
+    the same step (the finiteness checks are all-reduced), and a restart from the last
+    checkpoint would diverge again: a search records the trial as failed without retrying."""
+
+
 def _skip(
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     cfg: ExperimentConfig,
     info: dict,
     what: str,
+    counted: bool = True,
 ) -> None:
-    """Count a skipped step; too many in a row stop the run with the last loss terms."""
+    """Count a skipped step; too many ``counted`` ones in a row stop the run with the last
+    loss terms."""
     optimizer.zero_grad(set_to_none=True)
     state.nonfinite_total += 1
-    state.nonfinite_streak += 1
+    if counted:
+        state.nonfinite_streak += 1
     if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
         values = host_values(info)
         raw = ", ".join(f"{k[4:]}={v:.3g}" for k, v in values.items() if k.startswith("raw/"))
-        raise CabbRayError(
+        raise DivergedError(
             f"{state.nonfinite_streak} non-finite {what} in a row at step {state.step} "
             f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); last terms: "
             f"{raw}; lower optim.lr or enable optim.grad_clip_norm"
@@ -131,8 +150,10 @@ def train_step(
     when the step was skipped: because some rank's loss was not finite (all ranks skip
     together, so DDP stays in step), or because the gradient norm was not finite (DDP's
     averaged gradients make it equal on every rank). With AMP the GradScaler skips the latter
-    itself and lowers its scale; such steps count as skipped too, so a scale that never
-    recovers stops the run after ``optim.max_nonfinite_steps`` instead of training nothing.
+    itself and lowers its scale; such steps are skipped too, and once the scale is down to
+    ``AMP_SETTLED_SCALE`` they count, so a scale that never recovers stops the run after
+    ``optim.max_nonfinite_steps`` instead of training nothing (the skips of the scaler's
+    warm-up from 2**16 do not count).
 
     Two host synchronisations per step, the two finiteness decisions (with AMP a third: the
     GradScaler's own check of its inf flag)."""
@@ -154,13 +175,14 @@ def train_step(
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         norm = nn.utils.get_total_norm(grads)
     finite_norm = bool(torch.isfinite(norm))
+    settling = scaler is not None and not finite_norm and scaler.get_scale() > AMP_SETTLED_SCALE
     if scaler is not None:
         scaler.step(optimizer)  # a no-op when the unscaled gradients hold inf or NaN
         scaler.update()
     elif finite_norm:
         optimizer.step()
     if not finite_norm:
-        _skip(optimizer, state, cfg, info, "gradient norms")
+        _skip(optimizer, state, cfg, info, "gradient norms", counted=not settling)
         return None
     state.nonfinite_streak = 0
     scheduler.step()
@@ -174,9 +196,21 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
+        # as a tensor and plain values: a checkpoint loads with torch.load(weights_only=True)
+        "numpy": _numpy_state_plain(np.random.get_state()),
         "python": random.getstate(),
     }
+
+
+def _numpy_state_plain(saved: tuple) -> tuple:
+    kind, keys, pos, has_gauss, gauss = saved
+    return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+
+
+def _numpy_state(saved: tuple) -> tuple:
+    kind, keys, pos, has_gauss, gauss = saved
+    keys = keys.numpy() if isinstance(keys, Tensor) else np.asarray(keys)  # older: an array
+    return (kind, keys.astype(np.uint32), pos, has_gauss, gauss)
 
 
 def set_rng_state(saved: dict[str, Any]) -> None:
@@ -188,7 +222,7 @@ def set_rng_state(saved: dict[str, Any]) -> None:
             cuda = cuda[device] if device < len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
-    np.random.set_state(saved["numpy"])
+    np.random.set_state(_numpy_state(saved["numpy"]))
     random.setstate(saved["python"])
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from cabb_ray.metrics.names import METRIC_NAMES
 from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
 from cabb_ray.tracking import RunLogger, per_class_table, size_bin_plot
 from cabb_ray.training.engine import TrainState, evaluate, train_step
+from cabb_ray.training.sessions import BEST_FILE
 from cabb_ray.training.state import build_training, checkpoint_payload
 from cabb_ray.viz import category_colors, overlay
 
@@ -52,6 +55,9 @@ class LoopArgs:
     verbose: bool = False
     started_at: float | None = None  # a trial's start (time.time()), for its start-up time
     threads: int | None = None  # torch threads: the CPUs this process holds
+    # the objective whose best evaluation is kept as best/ (a search's first metric)
+    objective: str = "pq"
+    objective_mode: str = "max"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,11 +116,23 @@ def train_loop(args: LoopArgs, session: Session) -> None:
         logging.getLogger("ray.train").setLevel(logging.ERROR)
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
     threads = set_threads(args.threads)
-    rank, device = session.rank, session.device
     val = load_split(args.root, cfg.data.val_split)
-    payload = session.restored()
-    if payload is None and args.resume:
-        payload = load_checkpoint(args.resume)
+    with tempfile.TemporaryDirectory(prefix="cabb_ray_best_") as best_folder:
+        best_store = Path(best_folder) / BEST_FILE
+        payload = session.restored()
+        if payload is None and args.resume:
+            payload = load_checkpoint(args.resume)
+            payload[BEST_FILE] = str(Path(args.resume).parent / BEST_FILE)
+        restored_best = Path(payload.get(BEST_FILE) or "") if payload else None
+        if restored_best is not None and restored_best.is_file():
+            shutil.copyfile(restored_best, best_store)  # the best so far, restored
+            if payload.get("best_is_temporary"):
+                restored_best.unlink()
+        _train(args, session, cfg, val, payload, best_store, threads)
+
+
+def _train(args, session, cfg, val, payload, best_store: Path, threads: int) -> None:
+    rank, device = session.rank, session.device
     parts = build_training(cfg, val.categories, device, payload)
     module, optimizer, scheduler, scaler, state = parts
     module = session.prepare(module)
@@ -167,10 +185,10 @@ def train_loop(args: LoopArgs, session: Session) -> None:
                     state.step,
                 )
         state.epoch = epoch + 1
-        _end_of_epoch(args, session, parts, inner, logger, val, cfg, start)
+        _end_of_epoch(args, session, parts, inner, logger, val, cfg, start, best_store)
 
 
-def _end_of_epoch(args, session, parts, inner, logger, val, cfg, start: float) -> None:
+def _end_of_epoch(args, session, parts, inner, logger, val, cfg, start, best_store) -> None:
     """Evaluate when due, log, checkpoint and report the epoch."""
     state = parts.state
     phases = _PhaseClock(start, "steps")
@@ -184,9 +202,11 @@ def _end_of_epoch(args, session, parts, inner, logger, val, cfg, start: float) -
         state.last_metrics = result.scalars()
         phases.done("eval")
     pq = state.last_metrics.get("pq", float("nan"))
-    improved = evaluating and pq == pq and pq > state.best_pq
-    if improved:  # before saving, so that the checkpoint knows its own best
+    if evaluating and pq == pq and pq > state.best_pq:
         state.best_pq = pq
+    improved = evaluating and _improves(state, args)
+    if improved:  # before saving, so that the checkpoint knows its own best
+        state.best_score = state.last_metrics[args.objective]
     metrics = epoch_metrics(state, evaluating)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
@@ -198,25 +218,80 @@ def _end_of_epoch(args, session, parts, inner, logger, val, cfg, start: float) -
                 val.categories,
                 **checkpoint_payload(parts),
             )
+            best = _keep_best(Path(folder), best_store, inner, cfg, val, state, args, improved)
             phases.done("checkpoint")
             if evaluating:
-                with tempfile.TemporaryDirectory() as best_folder:
-                    best = None
-                    if improved:  # weights and config only: no optimizer state in MLflow
-                        best = save_checkpoint(
-                            Path(best_folder) / "checkpoint.pt",
-                            inner.model,
-                            cfg,
-                            val.categories,
-                            best={"pq": pq, "epoch": state.epoch, "step": state.step},
-                        )
-                    _log_evaluation(logger, result, kept, state, best, val)
+                _log_evaluation(logger, result, kept, state, val)
                 phases.done("mlflow")
+            if improved or state.epoch == cfg.optim.epochs:
+                _upload_best(logger, best, improved, state)
             checkpoint = Path(folder)
         session.report(metrics, checkpoint)
         phases.done("report")
     if logger is not None:  # where the epoch's wall time went
         logger.metrics(phases.metrics(), state.step)
+
+
+def _improves(state: TrainState, args: LoopArgs) -> bool:
+    value = state.last_metrics.get(args.objective, float("nan"))
+    if value != value:
+        return False
+    best = state.best_score
+    if best != best:
+        return True
+    return value > best if args.objective_mode == "max" else value < best
+
+
+def _keep_best(folder, best_store, inner, cfg, val, state, args, improved: bool) -> Path | None:
+    """The best epoch's weights-only checkpoint, in every epoch's checkpoint folder: it
+    survives an MLflow outage at the improving epoch, and a restart (it comes back with the
+    restored checkpoint). ``best_store`` holds it between epochs."""
+    path = folder / BEST_FILE
+    if improved:  # weights and config only: no optimizer state
+        save_checkpoint(
+            path,
+            inner.model,
+            cfg,
+            val.categories,
+            best={
+                "metric": args.objective,
+                "value": state.best_score,
+                "pq": state.best_pq,
+                "epoch": state.epoch,
+                "step": state.step,
+            },
+        )
+        shutil.copyfile(path, best_store)
+        return path
+    if best_store.is_file():
+        shutil.copyfile(best_store, path)
+        return path
+    return None
+
+
+def _upload_best(logger, best: Path | None, improved: bool, state) -> None:
+    """Rank 0: log the best weights as the run's ``best/checkpoint.pt``: when they improve,
+    and again at the last epoch (the earlier upload may have been lost to an outage)."""
+    if logger is None or best is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        named = Path(folder) / "checkpoint.pt"
+        shutil.copyfile(best, named)
+        logger.artifact(named, "best")
+    if improved:
+        logger.metrics({"best_pq": state.best_pq}, state.step)
+
+
+def failure_report(metric_names, key: str, reason: str) -> dict[str, Any]:
+    """A report that ends a run as failed: every metric NaN (Tune insists on a search's
+    metrics in each result), and ``key`` with the reason, which a search's searcher and
+    callback (or ``cabb_ray.train``) read."""
+    return {
+        **{metric: math.nan for metric in REPORT_FIRST},  # Tune's table shows these first
+        **{metric: math.nan for metric in metric_names},
+        "best_pq": math.nan,
+        key: reason,
+    }
 
 
 def epoch_metrics(state: TrainState, evaluating: bool) -> dict[str, Any]:
@@ -264,11 +339,8 @@ def _evaluates(state: TrainState, cfg: ExperimentConfig, eval_epochs: tuple[int,
     )
 
 
-def _log_evaluation(
-    logger: RunLogger, result, kept, state: TrainState, best: Path | None, val: PanopticSplit
-) -> None:
-    """Rank 0: metrics, per-class table, size-bin plot, overlays, and the weights-only
-    checkpoint ``best`` when PQ improved."""
+def _log_evaluation(logger: RunLogger, result, kept, state: TrainState, val: PanopticSplit) -> None:
+    """Rank 0: metrics, per-class table, size-bin plot and overlays."""
     logger.metrics(
         {**state.last_metrics, "epoch": state.epoch, "time/train_s": state.train_seconds},
         state.step,
@@ -285,6 +357,3 @@ def _log_evaluation(
             path = Path(folder) / f"overlay_{image['id']}.jpg"
             Image.fromarray(picture).save(path, quality=85)
             logger.artifact(path, f"eval/epoch_{state.epoch:03d}")
-    if best is not None:
-        logger.artifact(best, "best")
-        logger.metrics({"best_pq": state.best_pq}, state.step)

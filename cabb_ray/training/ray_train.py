@@ -15,14 +15,24 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from cabb_ray.config import ExperimentConfig
-from cabb_ray.training.loop import LoopArgs, train_loop
+from cabb_ray.errors import ERROR_REPORT_KEY
+from cabb_ray.metrics.names import METRIC_NAMES
+from cabb_ray.training.engine import DivergedError
+from cabb_ray.training.loop import LoopArgs, failure_report, train_loop
 from cabb_ray.training.ray_env import WorkerResources
 from cabb_ray.training.sessions import RayTrainSession
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function: the loop, as this rank sees it."""
-    train_loop(LoopArgs.from_dict(config), RayTrainSession())
+    """Ray Train's per-worker function: the loop, as this rank sees it. Divergence ends the
+    run with a last report that says so (every rank diverges at the same step), instead of
+    ``run.max_failures`` restarts that would diverge again."""
+    import ray.train
+
+    try:
+        train_loop(LoopArgs.from_dict(config), RayTrainSession())
+    except DivergedError as err:
+        ray.train.report(failure_report(METRIC_NAMES, ERROR_REPORT_KEY, str(err)))
 
 
 def build_trainer(

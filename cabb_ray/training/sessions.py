@@ -15,7 +15,9 @@ one-worker run never loads Ray.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,24 @@ def local_device(gpu: bool) -> torch.device:
     return torch.device("cuda" if gpu else "cpu")
 
 
+BEST_FILE = "best.pt"  # beside checkpoint.pt: the best epoch's weights (training/loop.py)
+
+
 def _payload(checkpoint: Any) -> dict[str, Any] | None:
-    """The training checkpoint inside a Ray (Tune or Train) checkpoint, if there is one."""
+    """The training checkpoint inside a Ray (Tune or Train) checkpoint, if there is one, with
+    the path of a copy of its best weights (the folder may be temporary) under ``best.pt``."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return load_checkpoint(Path(folder) / "checkpoint.pt")
+        payload = load_checkpoint(Path(folder) / "checkpoint.pt")
+        best = Path(folder) / BEST_FILE
+        if best.is_file():
+            handle, copy = tempfile.mkstemp(prefix="cabb_ray_restored_best_", suffix=".pt")
+            os.close(handle)
+            shutil.copyfile(best, copy)
+            payload[BEST_FILE] = copy
+            payload["best_is_temporary"] = True
+        return payload
 
 
 class TuneTrialSession:

@@ -26,7 +26,15 @@ from cabb_ray.training.engine import (
 )
 
 # TrainState fields checkpointed
-STATE_KEYS = ("step", "epoch", "nonfinite_total", "best_pq", "last_metrics", "train_seconds")
+STATE_KEYS = (
+    "step",
+    "epoch",
+    "nonfinite_total",
+    "best_pq",
+    "best_score",
+    "last_metrics",
+    "train_seconds",
+)
 
 
 @dataclass

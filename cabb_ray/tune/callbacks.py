@@ -10,7 +10,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from cabb_ray.tune.tags import INVALID_KEY, TAG_OUTCOME
+from cabb_ray.tune.tags import ERROR_KEY, INVALID_KEY, TAG_OUTCOME
 from cabb_ray.tune.trial import TrialSetup, open_child_run
 
 
@@ -39,6 +39,8 @@ class ChildRunCallback(Callback):
         epoch = int(result.get("epoch", 0) or 0)
         if INVALID_KEY in result:
             self._close(trial, "FAILED", "invalid", result)
+        elif ERROR_KEY in result:
+            self._close(trial, "FAILED", "failed", result)
         elif epoch < self._last_epoch(trial):
             self._close(trial, "KILLED", "early_stopped", result)
         else:
@@ -55,7 +57,7 @@ class ChildRunCallback(Callback):
         return min(last, own) if isinstance(own, int) else last
 
     def _close(self, trial, status: str, outcome: str, result: dict[str, Any]) -> None:
-        from cabb_ray.tracking import RunLogger
+        from cabb_ray.tracking import RunLogger, with_retries
 
         wall = float(
             result.get("time_total_s")
@@ -70,16 +72,30 @@ class ChildRunCallback(Callback):
             self._last_epoch(trial) if stopped_early else epoch,
         )
         pq = result.get("pq", math.nan)
+        where = f"at epoch {result['epoch']}" if "epoch" in result else ""
         print(
-            f"trial {trial.trial_id} {outcome.replace('_', ' ')} at epoch "
-            f"{result.get('epoch', 0)}: pq {pq:.4f}, {wall / 60:.1f} min",
+            f"trial {trial.trial_id} {outcome.replace('_', ' ')} {where}: pq {pq:.4f}, "
+            f"{wall / 60:.1f} min",
             flush=True,
         )
-        # a trial that failed before it opened its run still gets one, with the reason
-        run_id = open_child_run(self.trial_setup, trial.trial_id, str(trial), trial.config)
+        # a trial that failed before it opened its run still gets one, with the reason;
+        # retried: with sqlite and concurrent trials a locked database must not turn a
+        # finished trial into a failed one
+        opened, run_id = with_retries(
+            f"the MLflow run of trial {trial.trial_id}",
+            open_child_run,
+            self.trial_setup,
+            trial.trial_id,
+            str(trial),
+            trial.config,
+        )
+        if not opened:
+            return
         logger = RunLogger(self.trial_setup.uri, run_id)
         if trial.error_file and outcome == "failed":
             logger.tags({"cabb_ray.error_file": trial.error_file})
+        if ERROR_KEY in result:
+            logger.tags({"cabb_ray.error": str(result[ERROR_KEY])[:4000]})
         logger.metrics(cost, int(result.get("step", 0) or 0))
         logger.tags({TAG_OUTCOME: outcome})
         logger.finish(status)
@@ -99,14 +115,28 @@ def trial_cost(wall_s: float, resources, epochs: int, max_epochs: int) -> dict[s
 
 
 class CabbOptunaSearch(OptunaSearch):
-    """OptunaSearch that marks trials with an invalid config as FAIL in the study (their NaN
-    metrics would otherwise be refused and leave the Optuna trial RUNNING)."""
+    """OptunaSearch that marks trials with an invalid config, or that failed without a
+    retry, as FAIL in the study (their NaN metrics would otherwise be refused and leave the
+    Optuna trial RUNNING)."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """After a resume: study trials still RUNNING that the restored searcher does not know
+        were asked for after Tune's last save (the driver was killed in between); Tune asks
+        again for them, so they are marked FAIL and no trial stays RUNNING forever."""
+        import optuna
+
+        super().restore(checkpoint_path)
+        known = {trial.number for trial in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False):
+            if frozen.state == optuna.trial.TrialState.RUNNING and frozen.number not in known:
+                self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+                print(f"Optuna trial {frozen.number}: started after the last saved state; failed")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if INVALID_KEY not in result:
+        if INVALID_KEY not in result and ERROR_KEY not in result:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if result and INVALID_KEY in result:
+        if result and (INVALID_KEY in result or ERROR_KEY in result):
             result, error = None, True
         super().on_trial_complete(trial_id, result, error)

@@ -14,17 +14,25 @@ checkpoint and config are copied to ``<storage>/<name>/best/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
+import secrets
+import socket
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cabb_ray.errors import CabbRayError
+from cabb_ray.config import flatten_config
+from cabb_ray.errors import CabbRayError, check_name
 from cabb_ray.tune.driver import STATE_FILE
+
+LOCK_FILE = "driver.lock"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,16 +71,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
 def _search_folder(
     storage: Path, space: Path, name: str | None, resume: bool
 ) -> tuple[str, Path, dict[str, Any]]:
-    """The search's name, local folder and saved state; a new search never reuses a folder,
-    a resumed one must belong to the same space file."""
-    if name is not None and not NAME_PATTERN.match(name):
-        raise CabbRayError(f"--name {name!r}: expected letters, digits, '.', '_' or '-'")
+    """The search's name, local folder and saved state; a new search never reuses a folder
+    (created here, atomically: two drivers cannot take one name), a resumed one must belong
+    to the same space file."""
+    if name is not None:
+        check_name("--name", name)
     if name is None and resume:
         candidates = sorted(
             (p for p in storage.glob("*") if _state(p).get("space") == str(space)),
@@ -81,16 +87,9 @@ def _search_folder(
         if not candidates:
             raise CabbRayError(f"--resume: no search of {space} in {storage} (give --name)")
         name = candidates[-1].name
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", space.stem)  # names go into MLflow filters
-    name = name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = storage / name
     if not resume:
-        if folder.exists():
-            raise CabbRayError(
-                f"--name {name}: {folder} already holds a search; --resume continues it, "
-                "another --name starts a new one"
-            )
-        return name, folder, {}
+        return _new_search_folder(storage, space, name)
+    folder = storage / name
     state = _state(folder)
     if not state:
         raise CabbRayError(f"--resume --name {name}: no search in {folder}")
@@ -101,11 +100,91 @@ def _search_folder(
     return name, folder, state
 
 
+def _new_search_folder(
+    storage: Path, space: Path, name: str | None
+) -> tuple[str, Path, dict[str, Any]]:
+    """Create the folder of a new search. A default name is the space file's stem, the time
+    and a random suffix (two searches started in one second get different names)."""
+    storage.mkdir(parents=True, exist_ok=True)
+    if name is None:
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "-", space.stem)  # names go into MLflow filters
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    folder = storage / name
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        raise CabbRayError(
+            f"--name {name}: {folder} already holds a search; --resume continues it, "
+            "another --name starts a new one"
+        ) from None
+    return name, folder, {}
+
+
 def _state(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+@contextlib.contextmanager
+def _driver_lock(folder: Path, name: str):
+    """Hold the search folder's lock while this driver runs: a second driver of the same
+    search (two ``--resume`` at once) is refused in one line."""
+    with open(folder / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise CabbRayError(
+                f"search {name}: {folder} is being run by another driver ({owner}); wait for "
+                "it to end or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+
+
+def _check_same_search(name: str, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """A resume must run the configuration the search started with: the restored searcher
+    samples the old space, so an edited space file, ``fixed:`` or a new ``--set`` would mix
+    two searches in one study."""
+    if "space_sha256" not in state:  # saved before fingerprints existed: nothing to compare
+        return
+    if state["space_sha256"] != fingerprint["space_sha256"]:
+        raise CabbRayError(
+            f"--resume --name {name}: the space file {state.get('space')} changed since the "
+            "search started (its searched ranges would no longer match the study); restore it, "
+            "or start a new search"
+        )
+    saved, now = state.get("config", {}), fingerprint["config"]
+    differs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differs:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differs[:4])
+        more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+        raise CabbRayError(
+            f"--resume --name {name}: the configuration differs from the one the search "
+            f"started with: {shown}{more}; resume with the same --set values and files"
+        )
+
+
+def search_fingerprint(spec) -> dict[str, Any]:
+    """What a resume must find unchanged: the space file's text and the resolved config
+    (base, ``fixed:``, ``--set``) as plain values."""
+    config = {k: _plain(v) for k, v in flatten_config(spec.config).items()}
+    return {"space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(), "config": config}
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a config value (tuples become lists), so saved and new ones compare."""
+    return json.loads(json.dumps(value))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = spec.config  # load_space built it with the same overrides
     experiment = args.experiment or spec.path.stem
 
-    from cabb_ray.train import prepare
     from cabb_ray.training.ray_env import check_fits_locally, on_cluster, worker_resources
 
     resources = worker_resources(cfg, share=spec.max_concurrent_trials)
@@ -142,8 +220,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     remote_storage = "://" in storage_text
     local_storage = Path("runs" if remote_storage else storage_text).expanduser().resolve()
     space_path = spec.path.resolve()
+    fingerprint = search_fingerprint(spec)
     name, folder, state = _search_folder(local_storage, space_path, args.name, args.resume)
+    try:
+        with _driver_lock(folder, name):
+            return _drive(args, spec, cfg, experiment, resources, name, folder, state, fingerprint)
+    except KeyboardInterrupt:  # Ctrl-C outside tuner.fit (start-up, results): saved state stays
+        print(
+            f"search {name} interrupted; continue it with: python -m cabb_ray.tune --space "
+            f"{args.space} --name {name} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        _drop_if_unstarted(folder)
+
+
+def _drop_if_unstarted(folder: Path) -> None:
+    """A new search that failed before writing its state leaves no folder behind (its name
+    stays usable)."""
+    if folder.is_dir() and not (folder / STATE_FILE).exists():
+        leftovers = [p for p in folder.iterdir() if p.name != LOCK_FILE]
+        if not leftovers:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+
+
+def _drive(args, spec, cfg, experiment, resources, name, folder, state, fingerprint) -> int:
+    """The search once its folder is held: resume checks, MLflow, the run and its results."""
+    from cabb_ray.tracking import resolve_tracking_uri
+    from cabb_ray.train import prepare
+
+    storage_text = cfg.run.output_dir
+    remote_storage = "://" in storage_text
+    local_storage = folder.parent
     if state:
+        _check_same_search(name, state, fingerprint)
         started_with = state.get("num_samples", spec.num_samples)
         if args.num_samples is not None and args.num_samples != started_with:
             raise CabbRayError(
@@ -160,7 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if args.no_early_stopping:
         spec.scheduler = None
-    uri = args.mlflow_uri or state.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    saved_uri = state.get("mlflow_uri")
+    if args.mlflow_uri and saved_uri and resolve_tracking_uri(args.mlflow_uri) != saved_uri:
+        raise CabbRayError(
+            f"--mlflow-uri {args.mlflow_uri}: search {name} records its runs at {saved_uri}; "
+            "resume without --mlflow-uri (or with that one)"
+        )
+    uri = args.mlflow_uri or saved_uri or os.environ.get("MLFLOW_TRACKING_URI")
     cfg, uri, root = prepare(cfg, uri, experiment)
 
     from cabb_ray.tune.driver import Search
@@ -176,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment=state.get("experiment", experiment),
         resources=resources,
         verbose=args.verbose,
+        fingerprint=fingerprint,
     )
     if state and search.finished(state):
         print(f"search {name} already finished ({spec.num_samples} trials); nothing to resume")

@@ -7,11 +7,12 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cabb_ray.config import ExperimentConfig, config_to_dict, flatten_config
+from cabb_ray.files import copy_atomic, write_text_atomic
 from cabb_ray.training.ray_env import WorkerResources
 from cabb_ray.tune.space import METRICS, SearchSpec, searched_keys
 from cabb_ray.tune.tags import TAG_BEST, TAG_OUTCOME, TAG_SEARCH
@@ -20,6 +21,7 @@ from cabb_ray.tune.trial import TrialSetup, in_process_trials
 STATE_FILE = "search.json"
 # A trial's process serves the next trial (benchmarks/search_overhead.py --reuse both)
 REUSE_ACTORS = True
+STATE_SAVE_PERIOD_S = "1"  # Tune's experiment state (TUNE_GLOBAL_CHECKPOINT_S, unless set)
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Search:
     # whether one-worker trials train in their Tune process; a search keeps what it started
     # with (searches saved before this existed ran every trial under Ray Train)
     in_process: bool | None = None
+    # the space file's hash and resolved config, which a resume must find unchanged
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from cabb_ray.tracking import experiment_id
@@ -89,7 +93,8 @@ class Search:
                 ),
             }
         )
-        (self.folder / STATE_FILE).write_text(
+        write_text_atomic(
+            self.folder / STATE_FILE,
             json.dumps(
                 {
                     "parent_run_id": self.parent_run_id,
@@ -99,9 +104,10 @@ class Search:
                     "num_samples": self.spec.num_samples,
                     "scheduler": "asha" if self.spec.scheduler else "none",
                     "in_process": self._in_process(),
+                    **self.fingerprint,
                 },
                 indent=2,
-            )
+            ),
         )
         print(
             f"search {self.name}: {self.spec.num_samples} trials, MLflow experiment "
@@ -142,6 +148,8 @@ class Search:
             fault=json.loads(os.environ.get("CABB_RAY_TEST_FAULT", "null")),
             variants=self.spec.variants,
             in_process=self._in_process(),
+            objective=self.spec.metric,
+            objective_mode=self.spec.mode,
         )
 
     def _searcher(self):
@@ -207,12 +215,17 @@ class Search:
         from cabb_ray.training.ray_env import init_ray
         from cabb_ray.tune.callbacks import ChildRunCallback
 
+        # Tune saves its state every >= 10 s by default, while Optuna and MLflow record a
+        # trial at once: a driver killed in between leaves trials that Tune does not know.
+        # Saving every second narrows that window (the resume reconciles what is left).
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_PERIOD_S)
         # in-process trials need no Ray Train, and so no dashboard (Train V2 uses its state API)
         init_ray(verbose=self.verbose, dashboard=self.verbose or not self._in_process())
         self._check_cluster()
         path = f"{self.storage.rstrip('/')}/{self.name}"
         if resume and tune.Tuner.can_restore(path):
             # the searcher, scheduler and callbacks come back from the experiment folder
+            self._drop_orphan_runs(path)
             tuner = tune.Tuner.restore(
                 path, trainable=self._trainable(), resume_unfinished=True, resume_errored=False
             )
@@ -242,6 +255,32 @@ class Search:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the state is saved to resume
             tuner.fit()
         return self._all_trials_ended(path)
+
+    def _drop_orphan_runs(self, path: str) -> None:
+        """Child runs of trials that Tune's saved state does not know: they started after its
+        last save (it saves every ~10 s; MLflow is written at once) before the driver was
+        killed. Tune starts their trials anew under other ids; the orphans are deleted (MLflow
+        keeps deleted runs, restorable) so that each trial is counted once. The searcher does
+        the same for the study (``CabbOptunaSearch.restore``)."""
+        from mlflow.tracking import MlflowClient
+        from ray.tune import ExperimentAnalysis
+
+        from cabb_ray.tune.tags import TAG_TRIAL
+
+        try:
+            known = {t.trial_id for t in ExperimentAnalysis(path).trials}
+        except ValueError:  # no state saved yet
+            known = set()
+        client = MlflowClient(self.uri)
+        for run in self._children():
+            trial = run.data.tags.get(TAG_TRIAL)
+            if trial not in known:
+                client.set_tag(run.info.run_id, TAG_OUTCOME, "orphaned")
+                client.delete_run(run.info.run_id)
+                print(
+                    f"trial {trial}: started after the search's last saved state; its MLflow "
+                    f"run {run.info.run_id} is deleted and the trial runs again"
+                )
 
     def _all_trials_ended(self, path: str) -> bool:
         """From Tune's own record: num_samples trials, each TERMINATED or ERROR."""
@@ -295,9 +334,11 @@ class Search:
         if not complete:
             parent.finish("KILLED")
             return
-        best = table.dropna(subset=[self.spec.metric])
-        if not best.empty:
-            self._mark_best(parent, best.iloc[0])
+        best = best_trial(table, self.spec.metrics)
+        if best is not None:
+            self._mark_best(parent, best)
+        else:
+            print("no trial finished with its objective: no best trial tagged or copied")
         parent.finish("FINISHED")
         self.print_summary(top, table)
 
@@ -323,8 +364,8 @@ class Search:
             table.assign(**objects).to_parquet(parquet)
             parent.artifact(csv)
             parent.artifact(parquet)
-            for path in (csv, parquet):
-                path.replace(self.folder / path.name)
+            for path in (csv, parquet):  # the temporary folder may be on another filesystem
+                copy_atomic(path, self.folder / path.name)
             if self.spec.multi_objective:
                 front = pareto_front(table, self.spec.metrics, self.spec.modes)
                 front.to_csv(Path(tmp) / "pareto_front.csv", index=False)
@@ -332,6 +373,14 @@ class Search:
                 parent.artifact(
                     pareto_plot(table, front, self.spec.metrics, Path(tmp) / "pareto_front.png")
                 )
+
+    def _trial_best_file(self, trial_id: str) -> Path | None:
+        """The best weights kept in the trial's newest Tune checkpoint (in-process trials),
+        for when MLflow's copy cannot be fetched."""
+        if "://" in self.storage:
+            return None
+        found = sorted(Path(self.storage, self.name, trial_id).glob("checkpoint_*/best.pt"))
+        return found[-1] if found else None
 
     def _mark_best(self, parent, row) -> None:
         """Tag the best trial and copy its best checkpoint and config next to the results."""
@@ -352,7 +401,12 @@ class Search:
                     tracking_uri=self.uri,
                 )
             except Exception as err:  # a tracking hiccup must not cost the search's results
-                print(f"warning: could not copy {artifact} of the best trial: {err}")
+                kept = self._trial_best_file(str(row["trial"]))
+                if kept is not None and "checkpoint" in artifact:
+                    copy_atomic(kept, best / "checkpoint.pt")
+                    print(f"MLflow has no {artifact} of the best trial; copied {kept} instead")
+                else:
+                    print(f"warning: could not copy {artifact} of the best trial: {err}")
 
     def print_summary(self, top: int, table=None) -> None:
         from cabb_ray.tune.leaderboard import cost_totals, format_table
@@ -375,3 +429,19 @@ class Search:
                 f"  python -m cabb_ray.train --config {best / 'config.yaml'}\n"
                 f"  python -m cabb_ray.predict --checkpoint {best / 'checkpoint.pt'} ..."
             )
+
+
+# Outcomes of trials that trained to the end of their schedule (ASHA may stop the others)
+FINISHED_OUTCOMES = ("finished",)
+
+
+def best_trial(table, metrics: list[str]):
+    """The leaderboard row of the best trial that finished, on the search's objectives (the
+    table is sorted by them, first objective first: with two, the point of the Pareto front
+    best on the first); None if no trial finished with them. Failed, interrupted and
+    early-stopped trials are never picked."""
+    if table.empty:
+        return None
+    finished = table[(table["status"] == "FINISHED") & table["outcome"].isin(FINISHED_OUTCOMES)]
+    finished = finished.dropna(subset=list(metrics))
+    return None if finished.empty else finished.iloc[0]

@@ -14,7 +14,6 @@ name is the trial id, so that a restarted trial continues from Train's last chec
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +21,11 @@ from typing import Any
 from cabb_ray.config import config_from_dict, config_to_dict
 from cabb_ray.errors import CabbRayError
 from cabb_ray.tracking_relay import needs_relay, worker_tracking_uri
-from cabb_ray.training.loop import REPORT_FIRST, LoopArgs, train_loop
+from cabb_ray.training.loop import LoopArgs, failure_report, train_loop
 from cabb_ray.training.ray_env import WorkerResources, on_cluster
 from cabb_ray.training.sessions import TuneTrialSession, local_device
 from cabb_ray.tune.tags import (
+    ERROR_KEY,
     INVALID_KEY,
     TAG_SAMPLED,
     TAG_SEARCH,
@@ -55,6 +55,9 @@ class TrialSetup:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     # one worker trains in the trial's own process; see in_process_trials
     in_process: bool = True
+    # the search's (first) objective: each trial keeps its best epoch by it as best/
+    objective: str = "pq"
+    objective_mode: str = "max"
 
 
 def in_process_trials(resources: WorkerResources, uri: str) -> bool:
@@ -135,10 +138,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         eval_epochs=setup.eval_epochs,
         verbose=setup.verbose,
         started_at=started_at,
+        objective=setup.objective,
+        objective_mode=setup.objective_mode,
     )
     if setup.in_process:  # the trial holds the worker's CPUs
         args.threads = max(1, int(setup.resources.cpus))
-        train_loop(args, TuneTrialSession(local_device(setup.resources.gpus > 0)))
+        try:
+            train_loop(args, TuneTrialSession(local_device(setup.resources.gpus > 0)))
+        except CabbRayError as err:  # bad data, divergence: a restart would fail the same way
+            report_trial_error(setup.metric_names, str(err), name)
         return
     # several workers: DDP under Ray Train; its import (~2 s) only for such trials
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -159,6 +167,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trainer.fit()
 
 
+def report_trial_error(metric_names: tuple[str, ...], reason: str, name: str) -> None:
+    """End a trial that raised a ``CabbRayError`` without Tune's retries: its last report
+    carries the reason (the trial ends normally; the callback records it as failed)."""
+    import ray.tune
+
+    print(f"trial {name} failed, not retried: {reason}", flush=True)
+    ray.tune.report(failure_report(metric_names, ERROR_KEY, reason[:4000]))
+
+
 def _report_invalid(setup: TrialSetup, trial_id, name, config, reason: str) -> None:
     """End an invalid trial at once: its child run records the reason, and Tune gets one
     report with every metric NaN (the searcher marks the Optuna trial failed)."""
@@ -170,12 +187,5 @@ def _report_invalid(setup: TrialSetup, trial_id, name, config, reason: str) -> N
     run_id = open_child_run(setup, trial_id, name, config)
     RunLogger(setup.uri, run_id).tags({"cabb_ray.invalid_reason": reason[:4000]})
     ray.tune.report(
-        {
-            **{metric: math.nan for metric in REPORT_FIRST},  # Tune's table shows these first
-            **{metric: math.nan for metric in setup.metric_names},
-            "epoch": 0,
-            "step": 0,
-            "best_pq": math.nan,
-            INVALID_KEY: reason,
-        }
+        {**failure_report(setup.metric_names, INVALID_KEY, reason), "epoch": 0, "step": 0}
     )
