@@ -28,6 +28,7 @@ import torch
 
 from cabb_ray.config import ExperimentConfig, config_to_dict, load_config
 from cabb_ray.data.resolve import resolve_dataset_root
+from cabb_ray.data.samplers import load_sampler
 from cabb_ray.errors import ERROR_REPORT_KEY, CabbRayError, check_name, run_cli
 from cabb_ray.model.checkpoint import load_checkpoint
 from cabb_ray.tracking import RunLogger, check_tracking, start_run
@@ -58,7 +59,36 @@ def prepare(cfg: ExperimentConfig, mlflow_uri: str | None, experiment: str | Non
         raise CabbRayError("--gpu: no CUDA device on this machine (drop --gpu to train on CPU)")
     uri = check_tracking(cfg.run.mlflow_uri)
     root = resolve_dataset_root(cfg.data)
+    # what each worker would otherwise find out after Ray started (and retry): the split and
+    # its index readable and consistent, crops that fit, ISUS with things to centre on
+    load_sampler(root, cfg.data.train_split, cfg)
     return cfg, uri, root
+
+
+def check_resume(payload: dict[str, Any], path: Path, cfg: ExperimentConfig, root: Path) -> None:
+    """``--resume`` with a checkpoint of another network or class set fails here, in one
+    line, not in every worker's ``load_state_dict``."""
+    from cabb_ray.data.panoptic_format import load_split
+    from cabb_ray.model.network import build_model
+
+    categories = load_split(root, cfg.data.val_split).categories
+    ours = sorted((int(c["id"]), c["name"]) for c in categories)
+    theirs = sorted((int(c["id"]), c["name"]) for c in payload.get("categories", []))
+    if ours != theirs:
+        raise CabbRayError(
+            f"--resume {path}: trained on another class set ({len(theirs)} classes) than "
+            f"this dataset's {len(ours)}"
+        )
+    model = build_model(cfg, categories, starting_weights=False)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(err)
+        raise CabbRayError(
+            f"--resume {path}: its weights do not fit the {cfg.model.preset} network of this "
+            f"config ({first[:200]})"
+        ) from None
 
 
 @dataclass
@@ -164,19 +194,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gpu:
         overrides.append("run.gpu=true")
     cfg = load_config(args.config, overrides)
-    resume = None
+    resume, resumed = None, None
     if args.resume:
         resume = Path(args.resume)
         resume = resume / "checkpoint.pt" if resume.is_dir() else resume
         if not resume.is_file():
             raise CabbRayError(f"--resume {args.resume}: no checkpoint.pt there")
-        if "optimizer" not in load_checkpoint(resume):  # raises for files that are no checkpoint
+        resumed = load_checkpoint(resume)  # raises for files that are no checkpoint
+        if "optimizer" not in resumed:
             raise CabbRayError(f"--resume {resume}: a model-only checkpoint cannot resume training")
-        resume = str(resume.resolve())
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     name = _run_name(cfg.run.output_dir, args.name)
     cfg, uri, root = prepare(cfg, args.mlflow_uri, args.experiment)
+    if resumed is not None:
+        check_resume(resumed, resume, cfg, root)
+        resume = str(resume.resolve())
 
     run_id = start_run(cfg, uri, cfg.run.experiment, name)
     print(f"MLflow run {run_id} in experiment {cfg.run.experiment!r} at {uri}", flush=True)

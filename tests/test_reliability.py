@@ -482,3 +482,75 @@ def test_the_driver_retries_mlflow_when_a_trial_ends(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(callbacks, "open_child_run", lambda *a: 1 / 0)
     callback.on_trial_complete(0, [], trial)  # never raises into Tune
+
+
+# ------------------------------------------------------------------ checks before Ray starts
+def test_resume_with_a_checkpoint_of_another_network_fails_before_anything_is_recorded(
+    synthetic_root, tmp_path, monkeypatch
+):
+    """It used to fail in every worker's load_state_dict, after Ray started and a run was
+    recorded, and was retried."""
+    from cabb_ray.config import load_config
+    from cabb_ray.data.panoptic_format import load_split
+    from cabb_ray.model.checkpoint import save_checkpoint
+    from cabb_ray.model.network import build_model
+    from cabb_ray.train import main
+
+    monkeypatch.chdir(tmp_path)
+    categories = load_split(synthetic_root, "val").categories
+    narrow = load_config("cpu_quickstart", ["model.fpn_channels=32"])
+    checkpoint = save_checkpoint(
+        tmp_path / "narrow" / "checkpoint.pt",
+        build_model(narrow, categories, starting_weights=False),
+        narrow,
+        categories,
+        optimizer={},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--set", f"data.root={synthetic_root}", "--mlflow-uri", uri]
+    with pytest.raises(CabbRayError, match="do not fit the cpu_small network"):
+        main([*argv, "--resume", str(checkpoint), "--set", "run.output_dir=out"])
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(uri).search_runs(["0"]) == []  # nothing recorded
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_outside_the_trials_prints_the_resume_line_and_keeps_the_search(
+    synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while Ray starts or the results are written (outside tuner.fit) was a
+    traceback; it is the same one line as an interruption inside the trials."""
+    import yaml
+
+    from cabb_ray.tune import driver
+    from cabb_ray.tune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(self, resume):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver.Search, "run", interrupted)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "base": "cpu_quickstart",
+                "fixed": {"data.root": str(synthetic_root)},
+                "num_samples": 2,
+                "space": {"optim.lr": {"loguniform": [0.001, 0.01]}},
+            }
+        )
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["--space", str(space), "--name", "c1", "--mlflow-uri", uri])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "search c1 interrupted; continue it with:" in err and "--resume" in err
+    assert json.loads((tmp_path / "runs" / "c1" / "search.json").read_text())["num_samples"] == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("space").experiment_id])
+    assert parent.info.status == "KILLED"
