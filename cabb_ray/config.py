@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -200,6 +201,19 @@ def _mismatch(where: str, value: Any, tp: Any) -> CabbRayError:
     return CabbRayError(f"{prefix}got {value!r}, expected {_type_name(tp)}")
 
 
+def _not_finite(where: str, value: float) -> CabbRayError:
+    """YAML's .nan and .inf are floats, but no setting means either (and NaN passes every
+    range check written as ``x < 0``)."""
+    prefix = f"{where}: " if where else ""
+    return CabbRayError(f"{prefix}got {value!r}, expected a finite number")
+
+
+def _join(key: str, err: CabbRayError) -> str:
+    """``key: message``, or ``key[i]: message`` where the message starts at a list item."""
+    text = str(err)
+    return f"{key}{text}" if text.startswith("[") else f"{key}: {text}"
+
+
 def _coerce(value: Any, tp: Any, where: str, current: Any = None) -> Any:
     """Return ``value`` converted to type ``tp`` or raise a message naming ``where``."""
     origin = typing.get_origin(tp)
@@ -213,6 +227,8 @@ def _coerce(value: Any, tp: Any, where: str, current: Any = None) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, float) and not math.isfinite(value) and float in args:
+            raise _not_finite(where, value)
         for arg in args:
             if arg is type(None):
                 continue
@@ -251,6 +267,8 @@ def _coerce(value: Any, tp: Any, where: str, current: Any = None) -> Any:
         raise _mismatch(where, value, tp)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _not_finite(where, value)
             return float(value)
         raise _mismatch(where, value, tp)
     if tp is str:
@@ -305,9 +323,14 @@ def preset_names() -> list[str]:
 
 def _read_yaml(path: Path | Any, label: str) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CabbRayError(f"{label}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise CabbRayError(
+            f"{label}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "expected a YAML file"
+        ) from None
     except OSError as err:
         raise CabbRayError(f"{label}: cannot read ({err.strerror})") from None
     try:
@@ -385,7 +408,7 @@ def apply_override(cfg: ExperimentConfig, text: str) -> ExperimentConfig:
     try:
         return _set_path(cfg, path, value, raw, "")
     except CabbRayError as err:
-        raise CabbRayError(f"--set {'.'.join(path)}: {err}") from None
+        raise CabbRayError(_join(f"--set {'.'.join(path)}", err)) from None
 
 
 def _set_path(obj: Any, path: list[str], value: Any, raw: str, where: str) -> Any:
@@ -459,7 +482,7 @@ def set_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentCo
         try:
             cfg = _set_path(cfg, key.split("."), value, None, "")
         except CabbRayError as err:
-            raise CabbRayError(f"{key}: {err}") from None
+            raise CabbRayError(_join(key, err)) from None
     return cfg
 
 
@@ -470,8 +493,25 @@ def apply_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> Experiment
     return cfg
 
 
+def _float_fields(obj: Any, where: str = "") -> Iterable[tuple[str, float]]:
+    """(dotted key, value) of every float leaf, tuple items included, as ``key[i]``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, key)
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, tuple):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
 def validate(cfg: ExperimentConfig) -> None:
-    """Cross-field checks that a type alone cannot express."""
+    """Cross-field checks that a type alone cannot express. Every comparison is written so
+    that NaN fails it (``not x > 0``, never ``x <= 0``), and no float may be NaN or inf."""
+    for key, value in _float_fields(cfg):
+        if not math.isfinite(value):
+            raise CabbRayError(f"{key}: expected a finite number, got {value}")
     for name in ("r_st", "r_th"):
         low, high = getattr(cfg.data, name)
         if not 0 < low <= high:
@@ -482,6 +522,13 @@ def validate(cfg: ExperimentConfig) -> None:
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.shortest_side": cfg.data.shortest_side,
+        # an instance with fewer visible pixels is dropped from a crop; 0 would keep empty masks
+        "data.min_visible_pixels": cfg.data.min_visible_pixels,
+        "data.synthetic.num_train": cfg.data.synthetic.num_train,
+        "data.synthetic.num_val": cfg.data.synthetic.num_val,
+        "model.fpn_channels": cfg.model.fpn_channels,
+        "model.canonical_scale": cfg.model.canonical_scale,
+        "model.canonical_level": cfg.model.canonical_level,
         "optim.epochs": cfg.optim.epochs,
         "optim.steps_per_epoch": cfg.optim.steps_per_epoch,
         "eval.every": cfg.eval.every,
@@ -494,7 +541,12 @@ def validate(cfg: ExperimentConfig) -> None:
     }
     if cfg.run.cpus_per_worker is not None:
         positive["run.cpus_per_worker"] = cfg.run.cpus_per_worker
-    if cfg.run.gpu and cfg.run.gpus_per_worker <= 0:
+    clip = cfg.optim.grad_clip_norm
+    if clip is not None and not clip > 0:  # 0 would freeze the network, < 0 ascend
+        raise CabbRayError(
+            f"optim.grad_clip_norm: expected a positive norm, or null for no clipping, got {clip}"
+        )
+    if cfg.run.gpu and not cfg.run.gpus_per_worker > 0:
         raise CabbRayError(
             f"run.gpus_per_worker: expected > 0 with run.gpu, got {cfg.run.gpus_per_worker}"
         )
@@ -509,21 +561,32 @@ def validate(cfg: ExperimentConfig) -> None:
             f"data.crop_size {list(cfg.data.crop_size)}: larger than the image rescaled to "
             f"data.shortest_side {cfg.data.shortest_side} in both directions"
         )
-    if cfg.run.max_failures < 0:
-        raise CabbRayError(f"run.max_failures: expected >= 0, got {cfg.run.max_failures}")
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:
             raise CabbRayError(f"{key}: expected a positive value, got {value}")
+    non_negative = {
+        "run.max_failures": cfg.run.max_failures,
+        "run.seed": cfg.run.seed,  # numpy's generators take no negative seeds
+        "run.overlays": cfg.run.overlays,
+        "run.gpus_per_worker": cfg.run.gpus_per_worker,
+        "data.synthetic.seed": cfg.data.synthetic.seed,
+        "data.loader_workers": cfg.data.loader_workers,  # 0: load in the training process
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "eval.stuff_min_area": cfg.eval.stuff_min_area,
+    }
+    if cfg.eval.max_images is not None:  # null (or 0): every validation image
+        non_negative["eval.max_images"] = cfg.eval.max_images
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise CabbRayError(f"{key}: expected >= 0, got {value}")
     k_min, k_max = cfg.model.roi_levels
     if not 0 < k_min <= k_max:
         raise CabbRayError(f"model.roi_levels: expected 0 < low <= high, got [{k_min}, {k_max}]")
-    if cfg.model.canonical_scale <= 0:
-        raise CabbRayError(f"model.canonical_scale: expected > 0, got {cfg.model.canonical_scale}")
-    for key in ("lr", "weight_decay"):
-        if getattr(cfg.optim, key) < 0:
-            raise CabbRayError(f"optim.{key}: expected >= 0, got {getattr(cfg.optim, key)}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise CabbRayError(f"optim.momentum: expected 0 <= m < 1, got {cfg.optim.momentum}")
     for key in ("rpn_beta", "roi_beta"):
-        if getattr(cfg.loss, key) <= 0:
+        if not getattr(cfg.loss, key) > 0:
             raise CabbRayError(f"loss.{key}: expected > 0, got {getattr(cfg.loss, key)}")
     for key, weight in dataclasses.asdict(cfg.loss.weights).items():
         if not weight >= 0:
@@ -535,8 +598,6 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("normalized_floor", "log_var_limit"):
         if not getattr(cfg.loss, key) > 0:
             raise CabbRayError(f"loss.{key}: expected > 0, got {getattr(cfg.loss, key)}")
-    if cfg.eval.stuff_min_area < 0:
-        raise CabbRayError(f"eval.stuff_min_area: expected >= 0, got {cfg.eval.stuff_min_area}")
     if not 0 <= cfg.model.trainable_backbone_layers <= 5:
         raise CabbRayError(
             "model.trainable_backbone_layers: expected 0..5 (stages from the deepest), got "

@@ -6,15 +6,15 @@ the new one, never half of one. The temporary file lives beside the destination,
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 
 def _temporary_beside(path: Path) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    return Path(name)
+    """A new name beside ``path`` (not ``mkstemp``: its 0600 mode would make a shared file
+    unreadable to the other users of a search folder)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -35,6 +35,38 @@ def _images(folder: Path) -> list[Path]:
     return files
 
 
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise CabbRayError(f"--device {text!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CabbRayError(f"--device {text}: no CUDA device is visible")
+        if device.index is not None and device.index >= count:
+            raise CabbRayError(f"--device {text}: only {count} CUDA device(s) visible")
+    return device
+
+
+def _dataset_classes(path: Path) -> tuple[list[dict], dict[str, object]]:
+    """``--categories``: the dataset JSON's categories, and its image ids by file name."""
+    from cabb_ray.data.panoptic_format import check_categories, check_images
+
+    try:
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CabbRayError(f"--categories {path}: file not found") from None
+    except (OSError, ValueError):  # a folder, unreadable, not UTF-8, not JSON
+        raise CabbRayError(f"{path}: expected a dataset JSON with 'categories'") from None
+    categories = check_categories(dataset, path)
+    images = check_images(dataset, path) if isinstance(dataset.get("images"), list) else []
+    # the dataset's own image ids, so that cabb_ray.evaluate matches predictions to it
+    return categories, {Path(i["file_name"]).name: i["id"] for i in images}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cabb_ray.predict",
@@ -47,31 +79,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--categories", type=Path, help="dataset JSON whose classes must match")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    # every argument is checked before the network loads and before anything is written
+    device = _device(args.device)
+    files = _images(args.images)
+    if args.out.exists() and not args.out.is_dir():
+        raise CabbRayError(f"--out {args.out}: exists and is not a folder")
+    wanted, ids_by_file = _dataset_classes(args.categories) if args.categories else (None, {})
 
     from cabb_ray.data.panoptic_format import id2rgb, read_rgb
     from cabb_ray.model.checkpoint import model_from_checkpoint
     from cabb_ray.structures.classes import ClassMapping
     from cabb_ray.training.engine import predict_image
 
-    files = _images(args.images)
-    wanted, ids_by_file = None, {}
-    if args.categories:
-        try:
-            dataset = json.loads(args.categories.read_text())
-            wanted = dataset["categories"]
-        except (OSError, ValueError, KeyError):
-            raise CabbRayError(
-                f"{args.categories}: expected a dataset JSON with 'categories'"
-            ) from None
-        # the dataset's own image ids, so that cabb_ray.evaluate matches predictions to it
-        ids_by_file = {Path(i["file_name"]).name: i["id"] for i in dataset.get("images", [])}
     model, cfg, categories = model_from_checkpoint(args.checkpoint, wanted)
-    device = torch.device(args.device)
     model.to(device).eval()
     classes = ClassMapping.from_categories(categories)
     colors = category_colors(categories)
-    (args.out / "panoptic").mkdir(parents=True, exist_ok=True)
-    (args.out / "overlays").mkdir(parents=True, exist_ok=True)
+    try:
+        (args.out / "panoptic").mkdir(parents=True, exist_ok=True)
+        (args.out / "overlays").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CabbRayError(f"--out {args.out}: cannot create it ({err.strerror})") from None
     annotations, images = [], []
     start = time.perf_counter()
     report = progress_printer("predicted images", steps=len(files))
@@ -92,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         report(n, len(files))
     result = {"images": images, "annotations": annotations, "categories": categories}
-    (args.out / "predictions.json").write_text(json.dumps(result))
+    target = args.out / "predictions.json"
+    tmp = target.with_name(f".{target.name}.tmp")  # written whole, then renamed over the old
+    tmp.write_text(json.dumps(result))
+    tmp.replace(target)
     print(f"wrote {len(files)} predictions to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 

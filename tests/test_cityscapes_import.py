@@ -80,3 +80,84 @@ def test_import_errors_name_the_path(tmp_path):
     missing.unlink()
     with pytest.raises(CabbRayError, match=r"bonn_000001_000019_leftImg8bit\.png: image for"):
         import_cityscapes(src, tmp_path / "out", splits=("train",))
+
+
+def _snapshot(folder):
+    """Every path under ``folder`` with its bytes (a link: where it points)."""
+    return {
+        str(p.relative_to(folder)): (
+            ("->", str(p.readlink())) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+        )
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("where", ["convert", "index"])
+def test_a_failed_import_leaves_the_previous_output_intact(tmp_path, monkeypatch, where):
+    """Both splits are built beside the output and moved in only when complete: a failure in
+    the second split's conversion or index leaves the first import as it was."""
+    from cabb_ray.data import cityscapes
+    from cabb_ray.data.index import read_segment_index
+
+    src, out = tmp_path / "cs", tmp_path / "out"
+    _fake_cityscapes(src)
+    import_cityscapes(src, out)
+    (out / "notes.txt").write_text("not the import's")
+    before = _snapshot(out)
+
+    target = cityscapes.convert2panoptic if where == "convert" else cityscapes.build_segment_index
+
+    def fail_on_val(*args, **kwargs):
+        if "val" in (kwargs.get("setNames") or [args[1] if len(args) > 1 else None]):
+            raise RuntimeError(f"{where} failed")
+        return target(*args, **kwargs)
+
+    name = "convert2panoptic" if where == "convert" else "build_segment_index"
+    monkeypatch.setattr(cityscapes, name, fail_on_val)
+    with pytest.raises(RuntimeError, match=f"{where} failed"):
+        import_cityscapes(src, out, copy=True)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "out"]  # no build folder left
+    for split in ("train", "val"):
+        data = load_split(out, split)
+        assert data.read_panoptic(data.images[0]).shape == (H, W)
+        assert read_segment_index(out, split).num_rows > 0
+
+
+def test_a_new_import_replaces_the_old_one_and_keeps_other_files(tmp_path):
+    src, out = tmp_path / "cs", tmp_path / "out"
+    _fake_cityscapes(src)
+    import_cityscapes(src, out)
+    stale = out / "images" / "train" / "stale_leftImg8bit.png"
+    stale.write_bytes(b"from an older import")
+    (out / "test.json").write_text("{}")  # a split this import does not write
+    import_cityscapes(src, out, splits=("train",), copy=True)
+    assert not stale.exists() and (out / "test.json").read_text() == "{}"
+    images = list((out / "images" / "train").iterdir())
+    assert images and not any(p.is_symlink() for p in images)  # --copy this time
+    assert (out / "val.json").is_file()  # the earlier import's other split stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "out"]
+
+
+def test_a_failure_while_moving_in_puts_the_old_output_back(tmp_path, monkeypatch):
+    from cabb_ray.data import cityscapes
+
+    src, out = tmp_path / "cs", tmp_path / "out"
+    _fake_cityscapes(src)
+    import_cityscapes(src, out)
+    before = _snapshot(out)
+    real, calls = cityscapes._rename, []
+
+    def fail_halfway(a, b):
+        """Two renames an entry (the old one out, the new one in): train's four entries are
+        in, val's old images are out, its new ones fail to go in."""
+        calls.append(a)
+        if len(calls) == 2 * 4 + 2:
+            raise OSError(5, "Input/output error")
+        real(a, b)
+
+    monkeypatch.setattr(cityscapes, "_rename", fail_halfway)
+    with pytest.raises(OSError, match="Input/output error"):
+        import_cityscapes(src, out, copy=True)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "out"]

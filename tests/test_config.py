@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
 from cabb_ray.config import (
@@ -10,6 +13,7 @@ from cabb_ray.config import (
     flatten_config,
     load_config,
     preset_names,
+    validate,
 )
 from cabb_ray.errors import CabbRayError
 
@@ -129,3 +133,74 @@ def test_checkpoint_configs_with_removed_keys_still_load():
 def test_trainable_backbone_layers_are_bounded(layers):
     with pytest.raises(CabbRayError, match=r"model\.trainable_backbone_layers: expected 0\.\.5"):
         load_config("cpu_quickstart", [f"model.trainable_backbone_layers={layers}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=.nan", "--set optim.lr: got nan, expected a finite number"),
+        ("optim.lr=.inf", "--set optim.lr: got inf, expected a finite number"),
+        ("optim.weight_decay=.nan", "--set optim.weight_decay: got nan, expected a finite"),
+        ("optim.momentum=-5", "optim.momentum: expected 0 <= m < 1, got -5.0"),
+        ("optim.momentum=1", "optim.momentum: expected 0 <= m < 1, got 1.0"),
+        ("optim.grad_clip_norm=-1", "optim.grad_clip_norm: expected a positive norm, or null"),
+        ("optim.grad_clip_norm=0", "optim.grad_clip_norm: expected a positive norm, or null"),
+        ("optim.grad_clip_norm=.nan", "--set optim.grad_clip_norm: got nan, expected a finite"),
+        ("model.canonical_scale=.nan", "--set model.canonical_scale: got nan, expected a finite"),
+        ("loss.rpn_beta=.inf", "--set loss.rpn_beta: got inf, expected a finite number"),
+        ("loss.weights.roi_box=.inf", "--set loss.weights.roi_box: got inf, expected a finite"),
+        ("run.cpus_per_worker=.nan", "--set run.cpus_per_worker: got nan, expected a finite"),
+        ("data.r_th=[0.25, .inf]", "--set data.r_th[1]: got inf, expected a finite number"),
+        ("data.loader_workers=-1", "data.loader_workers: expected >= 0, got -1"),
+        ("eval.max_images=-3", "eval.max_images: expected >= 0, got -3"),
+        ("data.min_visible_pixels=0", "data.min_visible_pixels: expected a positive value"),
+        ("data.synthetic.num_val=0", "data.synthetic.num_val: expected a positive value"),
+        ("data.synthetic.seed=-1", "data.synthetic.seed: expected >= 0, got -1"),
+        ("run.seed=-1", "run.seed: expected >= 0, got -1"),
+        ("run.overlays=-1", "run.overlays: expected >= 0, got -1"),
+        ("model.fpn_channels=0", "model.fpn_channels: expected a positive value, got 0"),
+    ],
+)
+def test_nonsense_values_are_refused_naming_the_key(override, message):
+    """NaN fails no ``x < 0`` check, so every float must be finite first; negative workers,
+    image counts and clip norms mean nothing (a negative clip norm ascends the gradient)."""
+    with pytest.raises(CabbRayError) as err:
+        load_config("cpu_quickstart", [override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_documented_meanings_stay_valid():
+    """null clip norm: no clipping; null or 0 max_images: every image; 0 loader workers:
+    load in the training process; lr 0 is allowed (a frozen network is a choice)."""
+    cfg = load_config(
+        "cpu_quickstart",
+        ["optim.grad_clip_norm=null", "eval.max_images=0", "data.loader_workers=0", "optim.lr=0"],
+    )
+    assert cfg.optim.grad_clip_norm is None and cfg.eval.max_images == 0
+    assert load_config("cpu_quickstart", ["eval.max_images=null"]).eval.max_images is None
+
+
+def test_non_finite_yaml_values_and_direct_configs_are_refused(tmp_path):
+    path = tmp_path / "nan.yaml"
+    path.write_text("base: cpu_quickstart\noptim:\n  lr: .nan\n")
+    with pytest.raises(CabbRayError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: optim.lr: got nan, expected a finite number"
+    # validate() on a config built in code, not through the coercion
+    cfg = load_config("cpu_quickstart")
+    bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, r_st=(math.nan, 1.0)))
+    with pytest.raises(CabbRayError, match=r"^data\.r_st\[0\]: expected a finite number, got nan"):
+        validate(bad)
+    bad = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=math.inf))
+    with pytest.raises(CabbRayError, match=r"^optim\.lr: expected a finite number, got inf"):
+        validate(bad)
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("optim:\n  lr: 0.01  # café\n".encode("latin-1"))
+    with pytest.raises(CabbRayError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: not UTF-8 text (byte 0xe9 at offset 24); expected a YAML file"
+    )

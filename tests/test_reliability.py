@@ -554,3 +554,20 @@ def test_ctrl_c_outside_the_trials_prints_the_resume_line_and_keeps_the_search(
     client = MlflowClient(uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("space").experiment_id])
     assert parent.info.status == "KILLED"
+
+
+def test_a_file_that_is_no_checkpoint_is_called_unreadable_not_dangerous(tmp_path):
+    from cabb_ray.model.checkpoint import load_checkpoint
+
+    garbage = tmp_path / "checkpoint.pt"
+    garbage.write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(CabbRayError, match="not a readable checkpoint"):
+        load_checkpoint(garbage)
+
+
+def test_atomic_writes_keep_the_files_mode(tmp_path):
+    """Shared search folders: a file written atomically is as readable as one written plainly
+    (mkstemp would make it 0600)."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert write_text_atomic(tmp_path / "atomic.txt", "x").stat().st_mode == plain.stat().st_mode

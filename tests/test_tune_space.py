@@ -143,6 +143,37 @@ def test_shipped_spaces_are_valid(name, monkeypatch):
             {"space/optim.lr": {"uniform": [0, 1], "choice": [1]}},
             "expected exactly one of uniform, loguniform, int, choice, grid, pair",
         ),
+        # YAML's .nan and .inf: NaN passes every 'low >= high' check
+        (
+            {"space/optim.lr": {"uniform": [1e-3, math.nan]}},
+            "space.optim.lr.uniform: expected a finite number, got nan",
+        ),
+        (
+            {"space/optim.lr": {"loguniform": [1e-3, math.inf]}},
+            "space.optim.lr.loguniform: expected a finite number, got inf",
+        ),
+        (
+            {"space/optim.lr": {"choice": [0.01, math.nan]}},
+            "space.optim.lr: optim.lr: got nan, expected a finite number",
+        ),
+        (
+            {"space/optim.lr": {"uniform": [0, 1], "step": math.inf}},
+            "space.optim.lr.step: expected a finite number, got inf",
+        ),
+        (
+            {"scheduler/reduction_factor": math.inf},
+            "scheduler.reduction_factor: expected a finite number, got inf",
+        ),
+        ({"fixed/optim.momentum": math.nan}, "fixed optim.momentum: got nan, expected a finite"),
+        ({"fixed/optim.momentum": -5}, "optim.momentum: expected 0 <= m < 1, got -5.0"),
+        (
+            {"resources": {"driver_cpus": math.nan}},
+            "resources.driver_cpus: expected a finite number, got nan",
+        ),
+        (
+            {"resources": {"gpus_per_worker": math.nan}},
+            "resources.gpus_per_worker: expected a finite number, got nan",
+        ),
     ],
 )
 def test_invalid_space_is_one_line_naming_the_key(tmp_path, changes, message):
@@ -151,6 +182,16 @@ def test_invalid_space_is_one_line_naming_the_key(tmp_path, changes, message):
         load_space(path)
     text = str(info.value)
     assert message in text and str(path) in text and "\n" not in text
+
+
+def test_space_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"base: cpu_quickstart\ndescription: caf\xe9\n")
+    with pytest.raises(CabbRayError) as info:
+        load_space(path)
+    assert str(info.value) == (
+        f"{path}: not UTF-8 text (byte 0xe9 at offset 37); expected a YAML file"
+    )
 
 
 def test_condition_must_follow_its_parameter(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,8 +96,33 @@ def _splits_of(root: Path) -> list[str]:
     return splits
 
 
+def _writable(flag: str, path: Path, folder: bool) -> None:
+    """Fail before the work, not after it: ``path`` can be created (or, for a folder, is
+    one already) in a writable place."""
+    if folder and path.exists() and not path.is_dir():
+        raise CabbRayError(f"{flag} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise CabbRayError(f"{flag} {path}: is a folder (expected a file path)")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CabbRayError(f"{flag} {path}: {parent} is not a writable folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag in ("out", "plot"):
+        if getattr(args, flag, None) is not None:
+            _writable(f"--{flag}", getattr(args, flag), folder=flag == "out")
+    try:
+        return _run(args)
+    except OSError as err:  # a file that vanished or cannot be written: one line, not a trace
+        where = f"{err.filename}: " if err.filename else ""
+        raise CabbRayError(f"{where}{err.strerror or err}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from cabb_ray.data.synthetic import write_synthetic_dataset
 

@@ -7,6 +7,8 @@ avoids opening PNGs or re-parsing a large JSON in every data-loader worker.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,8 +71,22 @@ def build_segment_index(
             progress(n, len(data.images))
     table = pa.table(columns, schema=SEGMENT_SCHEMA)
     path = index_path(root, split)
-    pq.write_table(table, path)
+    _write_atomically(table, path)
     return path
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path`` in one step:
+    a reader (or a failed or interrupted build) never leaves a half-written index behind."""
+    # a fresh name (not mkstemp, whose files are private to their owner: a shared dataset
+    # folder's index must keep the permissions that the umask gives)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_segment_index(root: str | Path, split: str) -> pa.Table:
@@ -81,7 +97,15 @@ def read_segment_index(root: str | Path, split: str) -> pa.Table:
             f"{path}: segment index not found; build it with "
             f"`python -m cabb_ray.data index --root {root} --split {split}`"
         )
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = reason.replace(f"Could not open Parquet input source '{path}': ", "")
+        raise CabbRayError(
+            f"{path}: cannot read the segment index ({reason}); rebuild it with "
+            f"`python -m cabb_ray.data index --root {root} --split {split}`"
+        ) from None
     if not table.schema.equals(SEGMENT_SCHEMA):
         raise CabbRayError(f"{path}: unexpected columns; rebuild it with `cabb_ray.data index`")
     return table

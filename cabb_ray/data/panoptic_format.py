@@ -9,6 +9,9 @@ load time rather than halfway through a training run.
 from __future__ import annotations
 
 import json
+import math
+import os
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +131,110 @@ def _require(obj: Any, keys: tuple[str, ...], where: str, path: Path) -> None:
             raise CabbRayError(f"{path}: {where} lacks required key '{key}'")
 
 
+def _list(obj: dict[str, Any], key: str, where: str, path: Path) -> list[Any]:
+    value = obj[key]
+    if not isinstance(value, list):
+        label = f"{where}.{key}" if where != "top level" else f"'{key}'"
+        raise CabbRayError(f"{path}: {label} must be a list, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (int, float, str, bool)) else None
+    return text if text is not None and len(text) <= 40 else type(value).__name__
+
+
+def _whole(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, float) and math.isfinite(v) and v.is_integer()
+    )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# kind -> (check, what it expects); ints may be written as 3.0, never as true/false
+KINDS = {
+    "int": (_whole, "an integer"),
+    "count": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
+    "size": (lambda v: _whole(v) and v > 0, "a positive integer"),
+    "flag": (lambda v: isinstance(v, bool) or (_whole(v) and v in (0, 1)), "0 or 1"),
+    "id": (
+        lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+        "a string or an integer",
+    ),
+    "name": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "bbox": (
+        lambda v: isinstance(v, list) and len(v) == 4 and all(map(_number, v)),
+        "[x, y, width, height]",
+    ),
+}
+
+
+def _check_values(obj: dict[str, Any], kinds: dict[str, str], where: str, path: Path) -> None:
+    """Each key's value is of its kind (``KINDS``)."""
+    for key, kind in kinds.items():
+        check, expected = KINDS[kind]
+        if not check(obj[key]):
+            shown = _shown(obj[key])
+            raise CabbRayError(f"{path}: {where}.{key}: expected {expected}, got {shown}")
+
+
+CATEGORY_KINDS = {"id": "int", "name": "name", "isthing": "flag"}
+IMAGE_KINDS = {"id": "id", "file_name": "name", "height": "size", "width": "size"}
+ANNOTATION_KINDS = {"image_id": "id", "file_name": "name"}
+SEGMENT_KINDS = {
+    "id": "size",
+    "category_id": "int",
+    "iscrowd": "flag",
+    "area": "count",
+    "bbox": "bbox",
+}
+
+
+def _plain_segment(seg: dict[str, Any]) -> bool:
+    """True for a segment written with plain ints (as every writer does): a Cityscapes split
+    holds ~10^5 segments, whose key-by-key check would double the load time."""
+    seg_id, area, crowd, bbox = seg["id"], seg["area"], seg["iscrowd"], seg["bbox"]
+    return (
+        type(seg_id) is int
+        and seg_id > 0
+        and type(seg["category_id"]) is int
+        and type(area) is int
+        and area >= 0
+        and (crowd is False or crowd is True or (type(crowd) is int and 0 <= crowd <= 1))
+        and type(bbox) is list
+        and len(bbox) == 4
+        and all(type(v) is int for v in bbox)
+    )
+
+
+def check_categories(data: Any, path: Path) -> list[dict[str, Any]]:
+    """The ``categories`` list of a COCO-panoptic JSON object, each with its id, name and
+    isthing of the right kind; a one-line error naming ``path`` and the key otherwise."""
+    _require(data, ("categories",), "top level", path)
+    categories = _list(data, "categories", "top level", path)
+    for i, cat in enumerate(categories):
+        _require(cat, REQUIRED_CATEGORY_KEYS, f"categories[{i}]", path)
+        _check_values(cat, CATEGORY_KINDS, f"categories[{i}]", path)
+    return categories
+
+
+def check_images(data: Any, path: Path) -> list[dict[str, Any]]:
+    """The ``images`` list, each with its id, file_name, height and width."""
+    _require(data, ("images",), "top level", path)
+    images = _list(data, "images", "top level", path)
+    for i, img in enumerate(images):
+        _require(img, REQUIRED_IMAGE_KEYS, f"images[{i}]", path)
+        _check_values(img, IMAGE_KINDS, f"images[{i}]", path)
+    return images
+
+
 def load_split(root: str | Path, split: str) -> PanopticSplit:
-    """Load and structurally validate ``ROOT/<split>.json``."""
+    """Load and structurally validate ``ROOT/<split>.json``: every key that readers use is
+    there with a value of its kind, so that a broken file fails here, in one line, rather
+    than as a traceback in a data-loader worker."""
     root = Path(root)
     if not root.is_dir():
         raise CabbRayError(f"{root}: dataset folder not found")
@@ -137,30 +242,38 @@ def load_split(root: str | Path, split: str) -> PanopticSplit:
     if not path.is_file():
         raise CabbRayError(f"{path}: split file not found (expected ROOT/<split>.json)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CabbRayError(f"{path}: invalid JSON at line {err.lineno}") from None
+    except UnicodeDecodeError as err:
+        raise CabbRayError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "expected a COCO-panoptic JSON file"
+        ) from None
+    except OSError as err:
+        raise CabbRayError(f"{path}: cannot read ({err.strerror})") from None
     _require(data, REQUIRED_TOP_KEYS, "top level", path)
-    for i, cat in enumerate(data["categories"]):
-        _require(cat, REQUIRED_CATEGORY_KEYS, f"categories[{i}]", path)
-    category_ids = {int(c["id"]) for c in data["categories"]}
-    for i, img in enumerate(data["images"]):
-        _require(img, REQUIRED_IMAGE_KEYS, f"images[{i}]", path)
+    categories = check_categories(data, path)
+    category_ids = {int(c["id"]) for c in categories}
+    images = check_images(data, path)
     annotations: dict[Any, dict[str, Any]] = {}
-    for i, ann in enumerate(data["annotations"]):
+    for i, ann in enumerate(_list(data, "annotations", "top level", path)):
         _require(ann, REQUIRED_ANNOTATION_KEYS, f"annotations[{i}]", path)
-        for j, seg in enumerate(ann["segments_info"]):
+        _check_values(ann, ANNOTATION_KINDS, f"annotations[{i}]", path)
+        for j, seg in enumerate(_list(ann, "segments_info", f"annotations[{i}]", path)):
             where = f"annotations[{i}].segments_info[{j}]"
             _require(seg, REQUIRED_SEGMENT_KEYS, where, path)
+            if not _plain_segment(seg):  # the common case, checked fast; else key by key
+                _check_values(seg, SEGMENT_KINDS, where, path)
             if int(seg["category_id"]) not in category_ids:
                 raise CabbRayError(
                     f"{path}: {where} has category_id {seg['category_id']} not listed in categories"
                 )
         annotations[ann["image_id"]] = ann
-    for img in data["images"]:
+    for img in images:
         if img["id"] not in annotations:
             raise CabbRayError(f"{path}: image {img['id']!r} has no entry in annotations")
-    return PanopticSplit(root, split, data["images"], annotations, data["categories"])
+    return PanopticSplit(root, split, images, annotations, categories)
 
 
 def write_split_json(
@@ -173,7 +286,13 @@ def write_split_json(
     """Write ``ROOT/<split>.json`` deterministically (sorted keys, fixed separators)."""
     path = split_json_path(root, split)
     payload = {"images": images, "annotations": annotations, "categories": categories}
-    path.write_text(json.dumps(payload, sort_keys=True, separators=(",", ":")))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:  # a reader never sees half a file: written beside it, then renamed over it
+        tmp.write_text(json.dumps(payload, sort_keys=True, separators=(",", ":")))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from cabb_ray.config import DataConfig
-from cabb_ray.data.index import index_path
-from cabb_ray.data.panoptic_format import split_json_path
+from cabb_ray.data.index import index_path, read_segment_index
+from cabb_ray.data.panoptic_format import load_split, split_json_path
 from cabb_ray.errors import CabbRayError
 
 COMPLETE_MARKER = ".complete"
@@ -44,6 +44,11 @@ def resolve_dataset_root(data: DataConfig, verbose: bool = True) -> Path:
                     f"data.root: {index_path(root, split)} not found; build it with "
                     f"`python -m cabb_ray.data index --root {root} --split {split}`"
                 )
+        for split in (data.train_split, data.val_split):
+            # read both now, in the driver: a broken file fails before a run is recorded or
+            # Ray starts, not in every worker
+            load_split(root, split)
+            read_segment_index(root, split)
         return root
     target = synthetic_cache_path(data)
     if (target / COMPLETE_MARKER).is_file():

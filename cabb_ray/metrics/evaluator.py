@@ -215,13 +215,19 @@ class PanopticEvaluator:
 
 def _load_json(path: Path, label: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CabbRayError(f"{path}: {label} JSON not found") from None
+    except UnicodeDecodeError:
+        raise CabbRayError(f"{path}: not UTF-8 text; expected a {label} JSON file") from None
     except json.JSONDecodeError as err:
         raise CabbRayError(f"{path}: invalid JSON at line {err.lineno}") from None
     if not isinstance(data, dict) or "annotations" not in data:
         raise CabbRayError(f"{path}: {label} JSON lacks required key 'annotations'")
+    for key in ("annotations", "categories"):
+        if key in data and not isinstance(data[key], list):
+            kind = type(data[key]).__name__
+            raise CabbRayError(f"{path}: '{key}' must be a list, got {kind}")
     return data
 
 

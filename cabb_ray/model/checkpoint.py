@@ -60,7 +60,9 @@ def safe_torch_load(path: Path, what: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        culprit = found.group(1) if found else "an object that is not a tensor or plain value"
+        if found is None:  # not a pickle at all (a truncated or foreign file)
+            raise CabbRayError(f"{path}: not a readable {what} (UnpicklingError)") from None
+        culprit = found.group(1)
         raise CabbRayError(
             f"{path}: refused to load: it holds {culprit}, which no cabb_ray {what} holds "
             "(loading it could run code from the file)"

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cabb_ray.errors import CabbRayError
+from cabb_ray.errors import CabbRayError, check_name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,6 +43,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.search is not None:  # it goes into an MLflow filter string: no quotes
+        check_name("--search", args.search)
     if not -1.0 <= args.tau <= 1.0:
         raise CabbRayError(f"--tau {args.tau}: expected a value in -1..1")
     from cabb_ray.report.source import load_search, skipped_line

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cabb_ray.errors import CabbRayError
+from cabb_ray.errors import CabbRayError, check_name
 from cabb_ray.tune.tags import TAG_OUTCOME, TAG_SAMPLED, TAG_SEARCH, TAG_TRIAL
 
 
@@ -46,8 +46,17 @@ def load_search(uri: str, experiment: str, search: str | None = None) -> SearchR
 
     from cabb_ray.tune.leaderboard import child_runs
 
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
+    if search is not None:
+        check_name("--search", search)  # it goes into a filter string: no quotes
+    try:  # a file that is no MLflow database, a server that does not answer: one line
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        reason = lines[0][:160] if lines else type(err).__name__
+        raise CabbRayError(
+            f"--mlflow-uri {uri}: cannot read the tracking store ({reason})"
+        ) from None
     if found is None:
         names = [e.name for e in client.search_experiments(max_results=50)]
         raise CabbRayError(

@@ -221,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     local_storage = Path("runs" if remote_storage else storage_text).expanduser().resolve()
     space_path = spec.path.resolve()
     fingerprint = search_fingerprint(spec)
+    storage_existed = local_storage.exists()
     name, folder, state = _search_folder(local_storage, space_path, args.name, args.resume)
     try:
         with _driver_lock(folder, name):
@@ -233,17 +234,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     finally:
-        _drop_if_unstarted(folder)
+        _drop_if_unstarted(folder, remove_parent=not storage_existed)
 
 
-def _drop_if_unstarted(folder: Path) -> None:
+def _drop_if_unstarted(folder: Path, remove_parent: bool = False) -> None:
     """A new search that failed before writing its state leaves no folder behind (its name
-    stays usable)."""
+    stays usable), nor the storage folder created for it."""
     if folder.is_dir() and not (folder / STATE_FILE).exists():
         leftovers = [p for p in folder.iterdir() if p.name != LOCK_FILE]
         if not leftovers:
             (folder / LOCK_FILE).unlink(missing_ok=True)
             folder.rmdir()
+            if remove_parent and not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
 
 
 def _drive(args, spec, cfg, experiment, resources, name, folder, state, fingerprint) -> int:

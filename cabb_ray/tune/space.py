@@ -299,6 +299,8 @@ def _number(where: str, value: Any, integer: bool = False, positive: bool = Fals
         kind = "integer" if integer else "number"
         expected = f"a positive {kind}" if positive else f"a{'n' if integer else ''} {kind}"
         raise CabbRayError(f"{where}: expected {expected}, got {value!r}")
+    if not math.isfinite(value):  # YAML's .nan and .inf: NaN would pass every bound check
+        raise CabbRayError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
