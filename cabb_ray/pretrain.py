@@ -274,13 +274,13 @@ def run_pretraining(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     )
     dataset = CropDataset(root, cfg, split=cfg.data.train_split)
     loader = crop_loader(dataset, pin_memory=device.type == "cuda")
-    copy = {"non_blocking": device.type == "cuda"}
+    transfer = {"non_blocking": device.type == "cuda"}
     sitting_start, steps_at_start = time.perf_counter(), state.step
     for epoch in range(state.epoch, cfg.optim.epochs):
         for images, targets, _ in epoch_batches(loader, epoch):
             step_start = time.perf_counter()
-            images = [img.to(device, **copy) for img in images]
-            targets = [{k: v.to(device, **copy) for k, v in t.items()} for t in targets]
+            images = [img.to(device, **transfer) for img in images]
+            targets = [{k: v.to(device, **transfer) for k, v in t.items()} for t in targets]
             values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
             state.train_seconds += time.perf_counter() - step_start
             if values is not None and state.step % args.log_every == 0:

@@ -21,7 +21,7 @@ from cabb_ray.errors import CabbRayError
 from cabb_ray.losses.cabb import crop_aware_targets
 from cabb_ray.model.network import build_model
 from cabb_ray.structures.classes import ClassMapping
-from cabb_ray.structures.levels import level_of_size
+from cabb_ray.structures.levels import box_levels
 from tests.independent_reader import read_ids, read_split
 
 SMALL_CROP = ["data.crop_size=[64, 96]", "data.shortest_side=128", "model.canonical_scale=28"]
@@ -341,3 +341,9 @@ def test_persistent_loader_workers_follow_the_epoch(synthetic_root):
         got = [m["window"] for _, _, metas in epoch_batches(loader, epoch) for m in metas]
         dataset.set_epoch(epoch)
         assert got == [dataset[i]["meta"]["window"] for i in range(4)], epoch
+
+
+def level_of_size(size: float, model) -> int:
+    """The FPN level the network's own rule (``box_levels``) gives a square of side ``size``."""
+    box = torch.tensor([[0.0, 0.0, size, size]])
+    return int(box_levels(box, model)[0]) if size > 0 else model.roi_levels[0]

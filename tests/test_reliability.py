@@ -343,7 +343,7 @@ def test_the_best_trial_is_a_finished_one_on_the_searchs_objective():
     runs = [
         _run("failed", "FAILED", "failed", pq=0.9, pc=0.1),
         _run("interrupted", "KILLED", "interrupted", pq=0.8, pc=0.05),
-        _run("stopped", "KILLED", "early_stopped", pq=0.7, pc=0.01),
+        _run("stopped", "FINISHED", "early_stopped", pq=0.7, pc=0.01),
         _run("good_pq", "FINISHED", "finished", pq=0.6, pc=0.4),
         _run("good_pc", "FINISHED", "finished", pq=0.5, pc=0.2),
     ]
@@ -571,3 +571,25 @@ def test_atomic_writes_keep_the_files_mode(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert write_text_atomic(tmp_path / "atomic.txt", "x").stat().st_mode == plain.stat().st_mode
+
+
+def test_the_printed_leaderboard_fits_120_columns_and_names_what_it_leaves_out():
+    from cabb_ray.tune.leaderboard import format_table, leaderboard
+
+    searched = [f"loss.weights.term_{i}" for i in range(12)] + ["data.sampler", "optim.lr"]
+    runs = []
+    for i in range(4):
+        run = _run(f"trial{i:03d}", "FINISHED", "finished", pq=0.3 + i / 100, pc=0.2)
+        values = {key: 0.123456 * (i + 1) for key in searched[:-2]}
+        values |= {"data.sampler": "isus" if i % 2 else "cus", "optim.lr": 0.01}  # lr: fixed
+        run.data.tags["cabb_ray.sampled"] = json.dumps(values)
+        runs.append(run)
+    table = leaderboard(runs, ["pq"], ["max"])
+    text = format_table(table, searched, ["pq"])
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120, text
+    assert "term_0" in lines[0] and "lr" not in lines[0].split()  # values that do not vary
+    note = " ".join(lines[5:])
+    assert note.startswith("(not shown: ") and "leaderboard.csv" in note
+    assert "data.sampler" in note  # the last searched keys give way first
+    assert len(lines[0].split()) == 2 + 9 + 4 + 2  # trial, outcome, 9 values, metrics, epochs

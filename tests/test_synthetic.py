@@ -115,14 +115,22 @@ def test_parquet_index_matches_json(synthetic_root):
 
 @pytest.mark.parametrize("split", ["train"])
 def test_images_are_textured_not_flat(synthetic_root, split):
-    """No class should be separable by one colour: pixel colours vary within every segment."""
+    """No class should be separable by one colour: colours vary *spatially* within segments
+    (texture and shading over many pixels), not only by the per-pixel noise. A 7x7 box blur
+    leaves about 1/7 of independent pixel noise (std 5 -> 0.7), so what varies after it is
+    structure; segments' interiors (eroded by the blur's reach) must still vary."""
     from PIL import Image
+    from scipy import ndimage
 
     data = read_split(synthetic_root, split)
     ann = data["annotations"][0]
     ids = read_ids(synthetic_root / split / ann["file_name"])
     rgb = np.array(Image.open(synthetic_root / "images" / split / data["images"][0]["file_name"]))
+    blurred = ndimage.uniform_filter(rgb.astype(float), size=(7, 7, 1))
+    checked = 0
     for seg in ann["segments_info"]:
-        pixels = rgb[ids == seg["id"]].astype(float)
-        if len(pixels) > 50:
-            assert pixels.std(axis=0).max() > 2.0
+        interior = ndimage.binary_erosion(ids == seg["id"], np.ones((7, 7), bool))
+        if interior.sum() > 200:
+            checked += 1
+            assert blurred[interior].std(axis=0).max() > 2.0, seg
+    assert checked >= 3

@@ -1,4 +1,4 @@
-"""Training crops with per-side cut flags (the data contract in ../shared/DESIGN.md).
+"""Training crops with per-side cut flags (the data contract in docs/contracts.md).
 
 A crop is a window of the source image, in continuous source-pixel coordinates, resampled by
 a scale factor to the crop size. Panoptic ids are sampled nearest-neighbour with one explicit

@@ -1,6 +1,6 @@
 """Reading and writing COCO-panoptic datasets (the one on-disk format of cabb_ray).
 
-Layout (see ../shared/DESIGN.md): ``ROOT/<split>.json``, ``ROOT/<split>/<name>.png`` with
+Layout (see docs/contracts.md): ``ROOT/<split>.json``, ``ROOT/<split>/<name>.png`` with
 id = R + 256 G + 256^2 B, ``ROOT/images/<split>/<file>``. Every structural problem is
 reported as a ``CabbRayError`` naming the file and key, so that a broken dataset fails at
 load time rather than halfway through a training run.

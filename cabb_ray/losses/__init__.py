@@ -1,1 +1,1 @@
-"""Loss functions: the crop-aware bounding-box loss and (later) loss balancing."""
+"""Loss functions: the crop-aware bounding-box loss and the balancing of the loss terms."""

@@ -3,7 +3,7 @@
 ``PanopticEvaluator.update`` takes one image's GT and predicted id maps with their
 segments_info; ``merge`` / ``all_reduce`` combine evaluators of disjoint image subsets (Ray
 Train workers) into exactly the single-process result; ``compute`` returns the metric names of
-../shared/DESIGN.md plus per-class rows and per-size-bin mask AP.
+docs/contracts.md plus per-class rows and per-size-bin mask AP.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Metric names and size bins, in a leaf module that imports nothing: the search space, the
 leaderboard and the report name metrics without loading the evaluator (or torch)."""
 
-# Scalars of every evaluation: Tune's and MLflow's metric names (DESIGN.md, "Metric names")
+# Scalars of every evaluation: Tune's and MLflow's metric names (docs/contracts.md, "Metric names")
 METRIC_NAMES = (
     "pq",
     "sq",

@@ -1,1 +1,2 @@
-"""The panoptic network on torchvision (issue 6) and what data sampling shares with it."""
+"""The panoptic network on torchvision (Mask R-CNN + FPN + semantic head + panoptic fusion),
+its checkpoints and its pre-trained weights."""

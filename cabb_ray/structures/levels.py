@@ -39,9 +39,3 @@ def size_range_for_level(level: int, model: ModelConfig) -> tuple[float, float]:
         raise ValueError(f"level {level} outside the pyramid {k_min}..{k_max}")
     low = model.canonical_scale * 2.0 ** (level - model.canonical_level)
     return low, 2.0 * low
-
-
-def level_of_size(size: float, model: ModelConfig) -> int:
-    """Scalar version of ``box_levels`` for a square of side ``size`` (used by tests)."""
-    box = torch.tensor([[0.0, 0.0, size, size]])
-    return int(box_levels(box, model)[0]) if size > 0 else model.roi_levels[0]

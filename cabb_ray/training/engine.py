@@ -89,7 +89,6 @@ class TrainState:
     best_score: float = math.nan
     last_metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
     train_seconds: float = 0.0  # wall time inside train_step, over restarts
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _all_ranks_finite(total: Tensor) -> bool:

@@ -153,7 +153,7 @@ def _train(args, session, cfg, val, payload, best_store: Path, threads: int) -> 
         )
     dataset = CropDataset(args.root, cfg, split=cfg.data.train_split, rank=rank)
     loader = crop_loader(dataset, pin_memory=device.type == "cuda")
-    copy = {"non_blocking": device.type == "cuda"}  # from pinned memory
+    transfer = {"non_blocking": device.type == "cuda"}  # from pinned memory
     steps = cfg.optim.steps_per_epoch
     started_at = args.started_at
     for epoch in range(state.epoch, cfg.optim.epochs):
@@ -164,8 +164,8 @@ def _train(args, session, cfg, val, payload, best_store: Path, threads: int) -> 
                 logger.metrics({"time/startup_s": time.time() - started_at}, state.step)
                 started_at = None
             step_start = time.perf_counter()
-            images = [img.to(device, **copy) for img in images]
-            targets = [{k: v.to(device, **copy) for k, v in t.items()} for t in targets]
+            images = [img.to(device, **transfer) for img in images]
+            targets = [{k: v.to(device, **transfer) for k, v in t.items()} for t in targets]
             values = train_step(module, optimizer, scheduler, scaler, images, targets, state, cfg)
             state.train_seconds += time.perf_counter() - step_start
             if logger is not None and values is not None and state.step % cfg.run.log_every == 0:

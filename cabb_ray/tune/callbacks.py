@@ -42,7 +42,9 @@ class ChildRunCallback(Callback):
         elif ERROR_KEY in result:
             self._close(trial, "FAILED", "failed", result)
         elif epoch < self._last_epoch(trial):
-            self._close(trial, "KILLED", "early_stopped", result)
+            # FINISHED, as Ray's MLflowLoggerCallback ends trials its scheduler stops: the run
+            # did what the search asked of it (the UI draws KILLED as a failure)
+            self._close(trial, "FINISHED", "early_stopped", result)
         else:
             self._close(trial, "FINISHED", "finished", result)
 

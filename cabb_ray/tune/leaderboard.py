@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -111,21 +112,52 @@ def pareto_plot(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], pa
     return path
 
 
+CONSOLE_WIDTH = 120
+
+
 def format_table(
-    table: pd.DataFrame, searched: list[str], objectives: list[str], top: int = 10
+    table: pd.DataFrame,
+    searched: list[str],
+    objectives: list[str],
+    top: int = 10,
+    width: int = CONSOLE_WIDTH,
 ) -> str:
-    """Console text: the top trials with their searched values, objectives and PQ parts."""
+    """Console text, at most ``width`` columns: the top trials with the searched values that
+    vary between trials (short names), the objectives and the PQ parts. Searched values that
+    do not fit are named in a last line; every column is in leaderboard.csv."""
     if table.empty:
         return "(no trials)"
-    columns = ["trial", "outcome", *[k for k in searched if k in table]]
-    columns += list(dict.fromkeys([*objectives, "pq", "pc", "pq_th", "pq_st"]))
-    columns += ["epochs", "wall_h"]
-    shown = table[columns].head(top).copy()
-    for key in searched:
-        if key in shown:
-            shown[key] = shown[key].map(_compact)
-    shown = shown.rename(columns={k: k.split(".")[-1] for k in searched} | {"wall_h": "hours"})
+    head = table.head(top)
+    varying = [k for k in searched if k in head and head[k].map(_compact).nunique() > 1]
+    names = _short_names(varying)
+    metrics = list(dict.fromkeys([*objectives, "pq", "pc", "pq_th", "pq_st"]))
+    left_out: list[str] = []
+    while True:
+        text = _render(head, varying, names, metrics)
+        if max(len(line) for line in text.splitlines()) <= width or not varying:
+            break
+        left_out.insert(0, varying.pop())
+    if left_out:
+        note = f"(not shown: {', '.join(left_out)}; every column is in leaderboard.csv)"
+        text += "\n" + textwrap.fill(note, width)
+    return text
+
+
+def _render(head: pd.DataFrame, params: list[str], names: dict[str, str], metrics) -> str:
+    shown = head[["trial", "outcome", *params, *metrics, "epochs", "wall_h"]].copy()
+    for key in params:
+        shown[key] = shown[key].map(_compact)
+    shown = shown.rename(columns={**names, "wall_h": "hours"})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The last part of each dotted key, or the last two where the last parts collide."""
+    last = [k.split(".")[-1] for k in keys]
+    return {
+        k: (".".join(k.split(".")[-2:]) if last.count(short) > 1 else short)
+        for k, short in zip(keys, last, strict=True)
+    }
 
 
 def _compact(value: Any) -> str:
