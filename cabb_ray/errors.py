@@ -26,7 +26,7 @@ class CabbRayError(Exception):
 
 def check_name(flag: str, name: str) -> str:
     """``name`` if it is a safe run or search name, else a one-line error naming ``flag``."""
-    if not SAFE_NAME.match(name) or len(name) > 200:
+    if not SAFE_NAME.fullmatch(name) or len(name) > 200:
         raise CabbRayError(
             f"{flag} {name!r}: expected letters, digits, '.', '_' or '-' (starting with a letter "
             "or digit, at most 200 characters)"

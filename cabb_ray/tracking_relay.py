@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from cabb_ray.errors import CabbRayError
 
 RELAY_SCHEME = "relay://"
+RELAY_VERSION = 2
 NAMESPACE = "cabb_ray"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -46,7 +47,9 @@ def start_relay(uri: str) -> str:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    name = "mlflow_relay_" + hashlib.sha1(uri.encode()).hexdigest()[:12]
+    # versioned: a detached relay started by an older version (without the allow-list) is
+    # not reused
+    name = f"mlflow_relay_v{RELAY_VERSION}_" + hashlib.sha1(uri.encode()).hexdigest()[:12]
     here = ray.get_runtime_context().get_node_id()
     relay = (
         ray.remote(MlflowRelay)

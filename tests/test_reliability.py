@@ -55,7 +55,15 @@ def test_leaderboard_files_reach_a_search_folder_on_another_filesystem(tmp_path,
 
     parent = MlflowClient(uri).create_run(search.experiment_id).info.run_id
     table = pd.DataFrame(
-        {"trial": ["t1"], "run_id": ["r"], "pq": [0.5], "device_h": [0.1], "saved_device_h": [0]}
+        {
+            "trial": ["t1"],
+            "run_id": ["r"],
+            "status": ["FINISHED"],
+            "outcome": ["finished"],
+            "pq": [0.5],
+            "device_h": [0.1],
+            "saved_device_h": [0],
+        }
     )
     try:
         search._log_table(RunLogger(uri, parent), table)
@@ -399,28 +407,47 @@ class _GradTimes(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _amp_steps(nan: bool, steps: int):
+def _amp_steps(nan: bool, steps: int, model=None, state=None, scaler=None):
     from cabb_ray.training.engine import TrainState, train_step
 
-    model = _Overflowing(nan)
+    model = model or _Overflowing(nan)
+    model.nan = nan
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-40)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler = scaler or torch.amp.GradScaler("cpu", init_scale=2.0**16)
     cfg = SimpleNamespace(optim=SimpleNamespace(grad_clip_norm=None, max_nonfinite_steps=3))
-    state = TrainState()
+    state = state or TrainState()
     images, targets = [torch.zeros(1)], [{}]
     for _ in range(steps):
         train_step(model, optimizer, scheduler, scaler, images, targets, state, cfg)
-    return state, scaler
+    return state, scaler, model
 
 
 def test_amp_warm_up_skips_do_not_count_toward_the_divergence_limit():
     """2**16 x 1e35 overflows fp32; the scaler halves its scale on each skipped step until
     the gradients fit (~scale 2**11): about six skips, against a limit of three."""
-    state, scaler = _amp_steps(nan=False, steps=12)
+    state, scaler, _ = _amp_steps(nan=False, steps=12)
     assert state.nonfinite_total >= 4  # skipped more steps than the limit allows in a row
     assert state.nonfinite_streak == 0 and state.step > 0  # ... and trains on
     assert scaler.get_scale() < 2.0**16
+
+
+def test_amp_divergence_after_the_warm_up_stops_at_the_limit():
+    """Once the run has taken a step, NaN gradients count at once, whatever the scale."""
+    from cabb_ray.training.engine import DivergedError
+
+    state, scaler, model = _amp_steps(nan=False, steps=12)
+    steps_before = state.step
+    with pytest.raises(DivergedError, match="3 non-finite gradient norms in a row"):
+        _amp_steps(nan=True, steps=3, model=model, state=state, scaler=scaler)
+    assert state.step == steps_before and scaler.get_scale() > 1.0
+
+
+def test_amp_divergence_from_the_first_step_still_stops():
+    from cabb_ray.training.engine import DivergedError
+
+    with pytest.raises(DivergedError):
+        _amp_steps(nan=True, steps=40)  # 16 halvings to scale 1, then 3 counted skips
 
 
 def test_a_failed_or_diverged_trial_is_failed_in_the_study_not_retried():
@@ -593,3 +620,73 @@ def test_the_printed_leaderboard_fits_120_columns_and_names_what_it_leaves_out()
     assert note.startswith("(not shown: ") and "leaderboard.csv" in note
     assert "data.sampler" in note  # the last searched keys give way first
     assert len(lines[0].split()) == 2 + 9 + 4 + 2  # trial, outcome, 9 values, metrics, epochs
+
+
+def test_orphaned_study_trials_fail_and_their_grid_points_run_again(tmp_path):
+    """A grid (an ablation's rows): the orphan's point must not count as visited."""
+    import optuna
+
+    from cabb_ray.tune.callbacks import fail_orphan_trials
+
+    grid = {"variant": ["crop", "crop_cabb", "full"]}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(
+        study_name="g", storage=storage, sampler=optuna.samplers.GridSampler(grid, seed=0)
+    )
+    owned = study.ask()
+    owned.suggest_categorical("variant", grid["variant"])
+    orphan = study.ask()
+    lost = orphan.suggest_categorical("variant", grid["variant"])
+    fail_orphan_trials(study, {owned.number})
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[orphan.number] == "FAIL" and states[owned.number] == "RUNNING"
+    again = study.ask()
+    assert again.suggest_categorical("variant", grid["variant"]) == lost
+
+
+def test_a_resume_is_not_refused_for_keys_another_version_lacks_or_result_locations(tmp_path):
+    from cabb_ray.tune.cli import _check_same_search, _same_uri, search_fingerprint
+
+    spec = SimpleNamespace(text="space: {}\n", config=_small_config())
+    saved = json.loads(json.dumps(search_fingerprint(spec)))
+    saved["config"]["a.key_an_older_version_had"] = 1
+    del saved["config"]["optim.momentum"]  # a key a newer version added
+    moved = SimpleNamespace(text=spec.text, config=_small_config(["run.output_dir=/elsewhere"]))
+    _check_same_search("s1", {"space": "s.yaml", **saved}, search_fingerprint(moved))
+    assert _same_uri("http://host:5000/", "http://host:5000")
+
+
+def test_a_checkpoint_from_before_best_score_starts_from_its_best_pq():
+    """Else the first evaluation after such a resume would replace best/ with any epoch."""
+    from cabb_ray.training.engine import TrainState
+    from cabb_ray.training.loop import LoopArgs, _improves, carry_best_score
+
+    state = TrainState(best_pq=0.4)  # restored: best_score absent, so NaN
+    args = LoopArgs(config={}, root="", run_id="", mlflow_uri="")
+    carry_best_score(state, args)
+    assert state.best_score == 0.4
+    state.last_metrics = {"pq": 0.3}
+    assert not _improves(state, args)
+
+
+def test_storage_errors_while_reading_a_checkpoint_stay_retryable(tmp_path, monkeypatch):
+    """An NFS or S3-mount hiccup is not the file's fault: Tune may retry the trial."""
+    from cabb_ray.model.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"x")
+
+    def flaky(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", flaky)
+    with pytest.raises(OSError):
+        load_checkpoint(path)
+
+
+def test_names_with_a_trailing_newline_are_refused():
+    from cabb_ray.errors import check_name
+
+    with pytest.raises(CabbRayError):
+        check_name("--name", "abc\n")
+    assert check_name("--name", "abc-1.2_x") == "abc-1.2_x"

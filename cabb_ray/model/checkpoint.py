@@ -67,6 +67,8 @@ def safe_torch_load(path: Path, what: str) -> Any:
             f"{path}: refused to load: it holds {culprit}, which no cabb_ray {what} holds "
             "(loading it could run code from the file)"
         ) from None
+    except OSError:  # a storage hiccup (NFS, S3 mount): not the file's fault, may be retried
+        raise
     except Exception as err:  # zip and format errors of many kinds
         raise CabbRayError(f"{path}: not a readable {what} ({type(err).__name__})") from None
 

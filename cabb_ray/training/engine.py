@@ -99,8 +99,10 @@ def _all_ranks_finite(total: Tensor) -> bool:
 
 
 # A GradScaler starts at 2**16 and halves its scale after each step whose scaled gradients
-# overflow: those skips are how it finds its scale, not divergence, and count toward
-# optim.max_nonfinite_steps only once the scale has come down to this.
+# overflow: before the run's first step those skips are how it finds its scale, not
+# divergence, and count toward optim.max_nonfinite_steps only once the scale is down to this.
+# After the first step every skip counts (the scaler's occasional overflow once it has grown
+# is a single skip; a streak is divergence).
 AMP_SETTLED_SCALE = 1.0
 
 
@@ -149,10 +151,10 @@ def train_step(
     when the step was skipped: because some rank's loss was not finite (all ranks skip
     together, so DDP stays in step), or because the gradient norm was not finite (DDP's
     averaged gradients make it equal on every rank). With AMP the GradScaler skips the latter
-    itself and lowers its scale; such steps are skipped too, and once the scale is down to
-    ``AMP_SETTLED_SCALE`` they count, so a scale that never recovers stops the run after
-    ``optim.max_nonfinite_steps`` instead of training nothing (the skips of the scaler's
-    warm-up from 2**16 do not count).
+    itself and lowers its scale; such steps are skipped too and count, so a scale that never
+    recovers stops the run after ``optim.max_nonfinite_steps`` instead of training nothing;
+    only the scaler's warm-up (no step taken yet, scale above ``AMP_SETTLED_SCALE``) does not
+    count.
 
     Two host synchronisations per step, the two finiteness decisions (with AMP a third: the
     GradScaler's own check of its inf flag)."""
@@ -174,7 +176,13 @@ def train_step(
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         norm = nn.utils.get_total_norm(grads)
     finite_norm = bool(torch.isfinite(norm))
-    settling = scaler is not None and not finite_norm and scaler.get_scale() > AMP_SETTLED_SCALE
+    # the scaler's warm-up: no step taken yet, its scale still coming down from 2**16
+    settling = (
+        scaler is not None
+        and not finite_norm
+        and state.step == 0
+        and scaler.get_scale() > AMP_SETTLED_SCALE
+    )
     if scaler is not None:
         scaler.step(optimizer)  # a no-op when the unscaled gradients hold inf or NaN
         scaler.update()

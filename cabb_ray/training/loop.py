@@ -135,6 +135,7 @@ def _train(args, session, cfg, val, payload, best_store: Path, threads: int) -> 
     rank, device = session.rank, session.device
     parts = build_training(cfg, val.categories, device, payload)
     module, optimizer, scheduler, scaler, state = parts
+    carry_best_score(state, args)
     module = session.prepare(module)
     inner = module.module if hasattr(module, "module") else module
     logger = RunLogger(args.mlflow_uri, args.run_id) if rank == 0 else None
@@ -224,12 +225,20 @@ def _end_of_epoch(args, session, parts, inner, logger, val, cfg, start, best_sto
                 _log_evaluation(logger, result, kept, state, val)
                 phases.done("mlflow")
             if improved or state.epoch == cfg.optim.epochs:
-                _upload_best(logger, best, improved, state)
+                _upload_best(logger, best)
             checkpoint = Path(folder)
         session.report(metrics, checkpoint)
         phases.done("report")
     if logger is not None:  # where the epoch's wall time went
         logger.metrics(phases.metrics(), state.step)
+
+
+def carry_best_score(state: TrainState, args: LoopArgs) -> None:
+    """A checkpoint written before ``best_score`` existed kept only the best PQ: with PQ as
+    the objective that is the best score (else the next evaluation would replace best/ with
+    whatever it finds)."""
+    if state.best_score != state.best_score and args.objective == "pq" and state.best_pq >= 0:
+        state.best_score = state.best_pq
 
 
 def _improves(state: TrainState, args: LoopArgs) -> bool:
@@ -256,7 +265,7 @@ def _keep_best(folder, best_store, inner, cfg, val, state, args, improved: bool)
             best={
                 "metric": args.objective,
                 "value": state.best_score,
-                "pq": state.best_pq,
+                "pq": state.last_metrics.get("pq", float("nan")),  # this epoch's
                 "epoch": state.epoch,
                 "step": state.step,
             },
@@ -269,7 +278,7 @@ def _keep_best(folder, best_store, inner, cfg, val, state, args, improved: bool)
     return None
 
 
-def _upload_best(logger, best: Path | None, improved: bool, state) -> None:
+def _upload_best(logger, best: Path | None) -> None:
     """Rank 0: log the best weights as the run's ``best/checkpoint.pt``: when they improve,
     and again at the last epoch (the earlier upload may have been lost to an outage)."""
     if logger is None or best is None:
@@ -278,8 +287,6 @@ def _upload_best(logger, best: Path | None, improved: bool, state) -> None:
         named = Path(folder) / "checkpoint.pt"
         shutil.copyfile(best, named)
         logger.artifact(named, "best")
-    if improved:
-        logger.metrics({"best_pq": state.best_pq}, state.step)
 
 
 def failure_report(metric_names, key: str, reason: str) -> dict[str, Any]:
@@ -342,7 +349,12 @@ def _evaluates(state: TrainState, cfg: ExperimentConfig, eval_epochs: tuple[int,
 def _log_evaluation(logger: RunLogger, result, kept, state: TrainState, val: PanopticSplit) -> None:
     """Rank 0: metrics, per-class table, size-bin plot and overlays."""
     logger.metrics(
-        {**state.last_metrics, "epoch": state.epoch, "time/train_s": state.train_seconds},
+        {
+            **state.last_metrics,
+            "best_pq": state.best_pq,
+            "epoch": state.epoch,
+            "time/train_s": state.train_seconds,
+        },
         state.step,
     )
     logger.text(

@@ -8,6 +8,8 @@ is how a restarted search trial continues from its last checkpoint.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +24,27 @@ from cabb_ray.training.loop import LoopArgs, failure_report, train_loop
 from cabb_ray.training.ray_env import WorkerResources
 from cabb_ray.training.sessions import RayTrainSession
 
+FAILURE_FILE = "failure.json"  # the checkpoint folder of a run that diverged holds only this
+
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: the loop, as this rank sees it. Divergence ends the
     run with a last report that says so (every rank diverges at the same step), instead of
-    ``run.max_failures`` restarts that would diverge again."""
+    ``run.max_failures`` restarts that would diverge again. The report comes with a small
+    checkpoint holding the reason: Train V2's result keeps only reports with a checkpoint."""
     import ray.train
 
+    session = RayTrainSession()
     try:
-        train_loop(LoopArgs.from_dict(config), RayTrainSession())
+        train_loop(LoopArgs.from_dict(config), session)
     except DivergedError as err:
-        ray.train.report(failure_report(METRIC_NAMES, ERROR_REPORT_KEY, str(err)))
+        report = failure_report(METRIC_NAMES, ERROR_REPORT_KEY, str(err))
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if session.rank == 0:
+                Path(folder, FAILURE_FILE).write_text(json.dumps({"error": str(err)}))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(report, checkpoint=checkpoint)
 
 
 def build_trainer(

@@ -39,15 +39,17 @@ def local_device(gpu: bool) -> torch.device:
 BEST_FILE = "best.pt"  # beside checkpoint.pt: the best epoch's weights (training/loop.py)
 
 
-def _payload(checkpoint: Any) -> dict[str, Any] | None:
+def _payload(checkpoint: Any, rank: int = 0) -> dict[str, Any] | None:
     """The training checkpoint inside a Ray (Tune or Train) checkpoint, if there is one, with
     the path of a copy of its best weights (the folder may be temporary) under ``best.pt``."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
+        if not (Path(folder) / "checkpoint.pt").is_file():  # a diverged run's last report
+            return None
         payload = load_checkpoint(Path(folder) / "checkpoint.pt")
         best = Path(folder) / BEST_FILE
-        if best.is_file():
+        if best.is_file() and rank == 0:  # only rank 0 keeps and uploads the best weights
             handle, copy = tempfile.mkstemp(prefix="cabb_ray_restored_best_", suffix=".pt")
             os.close(handle)
             shutil.copyfile(best, copy)
@@ -96,7 +98,7 @@ class RayTrainSession:
     def restored(self) -> dict[str, Any] | None:
         import ray.train
 
-        return _payload(ray.train.get_checkpoint())
+        return _payload(ray.train.get_checkpoint(), self.rank)
 
     def prepare(self, module: nn.Module) -> nn.Module:
         import ray.train.torch

@@ -123,16 +123,11 @@ class CabbOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         """After a resume: study trials still RUNNING that the restored searcher does not know
-        were asked for after Tune's last save (the driver was killed in between); Tune asks
-        again for them, so they are marked FAIL and no trial stays RUNNING forever."""
-        import optuna
-
+        were asked for after Tune's last save (the driver was killed in between). They are
+        marked FAIL (no trial stays RUNNING forever) and their points queued again, which
+        the trial Tune starts in their place takes."""
         super().restore(checkpoint_path)
-        known = {trial.number for trial in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False):
-            if frozen.state == optuna.trial.TrialState.RUNNING and frozen.number not in known:
-                self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
-                print(f"Optuna trial {frozen.number}: started after the last saved state; failed")
+        fail_orphan_trials(self._ot_study, {trial.number for trial in self._ot_trials.values()})
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if INVALID_KEY not in result and ERROR_KEY not in result:
@@ -142,3 +137,19 @@ class CabbOptunaSearch(OptunaSearch):
         if result and (INVALID_KEY in result or ERROR_KEY in result):
             result, error = None, True
         super().on_trial_complete(trial_id, result, error)
+
+
+def fail_orphan_trials(study, known: set[int]) -> None:
+    """Study trials still RUNNING that no Tune trial owns (asked for after Tune's last saved
+    state): FAIL, and their points queued again for the trials Tune starts in their place (a
+    grid, an ablation's rows, would otherwise count the point as visited and lose it)."""
+    import optuna
+
+    for frozen in study.get_trials(deepcopy=False):
+        if frozen.state == optuna.trial.TrialState.RUNNING and frozen.number not in known:
+            study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(frozen.params, skip_if_exists=False)
+            print(
+                f"Optuna trial {frozen.number}: started after the search's last saved state; "
+                "failed, and its point queued again"
+            )

@@ -33,6 +33,8 @@ from cabb_ray.errors import CabbRayError, check_name
 from cabb_ray.tune.driver import STATE_FILE
 
 LOCK_FILE = "driver.lock"
+# config keys that say where results go, not what trials train: not in the fingerprint
+WHERE_RESULTS_GO = ("run.output_dir", "run.mlflow_uri", "run.experiment", "data.cache_dir")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -165,7 +167,8 @@ def _check_same_search(name: str, state: dict[str, Any], fingerprint: dict[str, 
             "or start a new search"
         )
     saved, now = state.get("config", {}), fingerprint["config"]
-    differs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    # keys that a newer or older version lacks are not compared (an upgrade may resume)
+    differs = sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
     if differs:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differs[:4])
         more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
@@ -175,10 +178,20 @@ def _check_same_search(name: str, state: dict[str, Any], fingerprint: dict[str, 
         )
 
 
+def _same_uri(given: str, saved: str) -> bool:
+    from cabb_ray.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(given).rstrip("/") == saved.rstrip("/")
+
+
 def search_fingerprint(spec) -> dict[str, Any]:
     """What a resume must find unchanged: the space file's text and the resolved config
     (base, ``fixed:``, ``--set``) as plain values."""
-    config = {k: _plain(v) for k, v in flatten_config(spec.config).items()}
+    config = {
+        k: _plain(v)
+        for k, v in flatten_config(spec.config).items()
+        if k not in WHERE_RESULTS_GO  # checked on their own: the folder, --mlflow-uri
+    }
     return {"space_sha256": hashlib.sha256(spec.text.encode()).hexdigest(), "config": config}
 
 
@@ -227,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _driver_lock(folder, name):
             return _drive(args, spec, cfg, experiment, resources, name, folder, state, fingerprint)
     except KeyboardInterrupt:  # Ctrl-C outside tuner.fit (start-up, results): saved state stays
+        if not (folder / STATE_FILE).exists():
+            print(
+                f"search {name} interrupted before it started; nothing to resume", file=sys.stderr
+            )
+            return 130
         print(
             f"search {name} interrupted; continue it with: python -m cabb_ray.tune --space "
             f"{args.space} --name {name} --resume",
@@ -251,7 +269,6 @@ def _drop_if_unstarted(folder: Path, remove_parent: bool = False) -> None:
 
 def _drive(args, spec, cfg, experiment, resources, name, folder, state, fingerprint) -> int:
     """The search once its folder is held: resume checks, MLflow, the run and its results."""
-    from cabb_ray.tracking import resolve_tracking_uri
     from cabb_ray.train import prepare
 
     storage_text = cfg.run.output_dir
@@ -276,7 +293,7 @@ def _drive(args, spec, cfg, experiment, resources, name, folder, state, fingerpr
     if args.no_early_stopping:
         spec.scheduler = None
     saved_uri = state.get("mlflow_uri")
-    if args.mlflow_uri and saved_uri and resolve_tracking_uri(args.mlflow_uri) != saved_uri:
+    if args.mlflow_uri and saved_uri and not _same_uri(args.mlflow_uri, saved_uri):
         raise CabbRayError(
             f"--mlflow-uri {args.mlflow_uri}: search {name} records its runs at {saved_uri}; "
             "resume without --mlflow-uri (or with that one)"

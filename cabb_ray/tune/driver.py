@@ -223,13 +223,17 @@ class Search:
         init_ray(verbose=self.verbose, dashboard=self.verbose or not self._in_process())
         self._check_cluster()
         path = f"{self.storage.rstrip('/')}/{self.name}"
-        if resume and tune.Tuner.can_restore(path):
-            # the searcher, scheduler and callbacks come back from the experiment folder
+        if resume:  # runs and study trials that Tune's saved state does not know
             self._drop_orphan_runs(path)
+        if resume and tune.Tuner.can_restore(path):
+            # the searcher, scheduler and callbacks come back from the experiment folder (the
+            # searcher fails its study's orphans as it is restored)
             tuner = tune.Tuner.restore(
                 path, trainable=self._trainable(), resume_unfinished=True, resume_errored=False
             )
         else:
+            if resume:  # killed before Tune saved anything: the study may hold orphans
+                self._fail_orphan_study_trials()
             tuner = tune.Tuner(
                 self._trainable(),
                 tune_config=tune.TuneConfig(
@@ -256,6 +260,17 @@ class Search:
             tuner.fit()
         return self._all_trials_ended(path)
 
+    def _fail_orphan_study_trials(self) -> None:
+        import optuna
+
+        from cabb_ray.tune.callbacks import fail_orphan_trials
+
+        database = self.folder / "optuna.db"
+        if database.is_file():
+            storage = optuna.storages.RDBStorage(f"sqlite:///{database}")
+            with contextlib.suppress(KeyError):  # no study of this name yet
+                fail_orphan_trials(optuna.load_study(study_name=self.name, storage=storage), set())
+
     def _drop_orphan_runs(self, path: str) -> None:
         """Child runs of trials that Tune's saved state does not know: they started after its
         last save (it saves every ~10 s; MLflow is written at once) before the driver was
@@ -269,7 +284,7 @@ class Search:
 
         try:
             known = {t.trial_id for t in ExperimentAnalysis(path).trials}
-        except ValueError:  # no state saved yet
+        except (ValueError, OSError):  # no state saved yet
             known = set()
         client = MlflowClient(self.uri)
         for run in self._children():
@@ -348,12 +363,14 @@ class Search:
         if table.empty:
             return
         total, saved = cost_totals(table)
+        best = best_trial(table, self.spec.metrics)
+        if best is not None:  # the trial tagged best: finished, on the search's objective
+            parent.metrics({"search/best_" + self.spec.metric: float(best[self.spec.metric])}, 0)
         parent.metrics(
             {
                 "search/trials": len(table),
                 "search/device_hours": total,
                 "search/saved_device_hours": saved,
-                "search/best_" + self.spec.metric: float(table[self.spec.metric].iloc[0]),
             },
             len(table),
         )
