@@ -10,6 +10,7 @@ Sources, later ones winning: a preset shipped in ``cabb_ray/presets`` (or a YAML
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -266,6 +267,9 @@ def _coerce(value: Any, tp: Any, where: str, current: Any = None) -> Any:
             return int(value)
         raise _mismatch(where, value, tp)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e12 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value = float(value.strip())
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise _not_finite(where, value)

@@ -313,6 +313,36 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     assert len(kept) == 1  # run.keep_checkpoints
 
 
+@pytest.mark.integration
+def test_a_diverging_multi_worker_run_fails_in_one_line_without_restarts(ray_cluster, tmp_path):
+    """Every rank diverges at the same step; the run ends (no run.max_failures restarts that
+    would diverge again) and run_training raises the reason: Train V2 keeps only reports
+    with a checkpoint, so the last report carries a marker checkpoint."""
+    from cabb_ray.tracking import start_run
+    from cabb_ray.train import prepare, run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        "cpu_quickstart",
+        [
+            *TINY,
+            "optim.epochs=2",
+            "run.workers=2",
+            "run.max_failures=2",
+            "optim.lr=1e12",
+            "optim.grad_clip_norm=null",
+            "optim.max_nonfinite_steps=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.output_dir={tmp_path / 'runs'}",
+        ],
+    )
+    cfg, uri, root = prepare(cfg, uri, "diverge")
+    run_id = start_run(cfg, uri, "diverge")
+    # (with restarts, Train would end in a TrainingFailedError after run.max_failures tries)
+    with pytest.raises(CabbRayError, match="non-finite"):
+        run_training(cfg, uri, root, run_id, "diverging")
+
+
 def test_steps_the_amp_grad_scaler_skips_count_as_skipped():
     """With AMP the GradScaler skips an overflowing step itself and halves its scale. Those
     skips are its warm-up and do not count until the scale is down to 1; then they do, or a
