@@ -118,8 +118,7 @@ def start_run(
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
     params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten_config(cfg).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    client.log_batch(run.info.run_id, params=params)  # MLflow splits it into its own batches
     client.log_text(run.info.run_id, dump_config(cfg), "config.yaml")
     return run.info.run_id
 
@@ -181,11 +180,10 @@ class RunLogger:
             for key, value in values.items()
             if isinstance(value, int | float) and value == value  # MLflow rejects NaN
         ]
-        for start in range(0, len(batch), 500):
-            chunk = batch[start : start + 500]
+        if batch:  # MLflow's client splits it into batches the server accepts
             self._tolerant(
                 f"metrics at step {step}",
-                lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk),
+                lambda: self.client.log_batch(self.run_id, metrics=batch),
             )
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import scipy.stats
 
 from cabb_ray.data.crop_dataset import CropDataset
 from cabb_ray.structures.levels import box_levels
@@ -48,5 +49,4 @@ def normalized_entropy(counts: dict[int, int]) -> float:
     values = np.array(list(counts.values()), dtype=float)
     if values.sum() == 0 or len(values) < 2:
         return 0.0
-    p = values[values > 0] / values.sum()
-    return float(-(p * np.log(p)).sum() / math.log(len(values)))
+    return float(scipy.stats.entropy(values) / math.log(len(values)))

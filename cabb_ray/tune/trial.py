@@ -84,6 +84,8 @@ def open_child_run(
     """The trial's MLflow child run: the existing one when Tune restarts or resumes the trial
     (no duplicates), otherwise a new one with the trial's config (the base config when the
     sampled values are invalid)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     from cabb_ray.tracking import RunLogger, experiment_id, start_run
     from cabb_ray.tune.space import sampled_values, trial_config
 
@@ -100,7 +102,7 @@ def open_child_run(
         except CabbRayError:
             cfg = base
     tags = {
-        "mlflow.parentRunId": setup.parent_run_id,
+        MLFLOW_PARENT_RUN_ID: setup.parent_run_id,
         TAG_SEARCH: setup.search,
         TAG_TRIAL: trial_id,
         TAG_SAMPLED: json.dumps(sampled_values(config), sort_keys=True),
