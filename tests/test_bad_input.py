@@ -219,7 +219,7 @@ CASES: dict[str, list[Case]] = {
         Case(["--steps", "10", "--eval-every", "3"], ["--eval-every 3"]),
         Case(["--config", "b.yaml"], ["b.yaml: invalid YAML at line"], {"b.yaml": "a: [\n"}),
         Case(["--set", "optim.momentum=-5"], ["optim.momentum: expected 0 <= m < 1"]),
-        Case(["--lr", "nan"], ["optim.lr", "'nan'"]),
+        Case(["--lr", "nan"], ["optim.lr", "got nan, expected a finite number"]),
     ],
     "cabb_ray.predict": [
         Case(

@@ -690,3 +690,55 @@ def test_names_with_a_trailing_newline_are_refused():
     with pytest.raises(CabbRayError):
         check_name("--name", "abc\n")
     assert check_name("--name", "abc-1.2_x") == "abc-1.2_x"
+
+
+def test_the_best_weights_come_from_the_trials_checkpoint_when_mlflow_lacks_them(tmp_path):
+    """An MLflow outage at the improving epoch lost best/checkpoint.pt: the copy kept in the
+    trial's newest Tune checkpoint goes to the search's best/ instead."""
+    from mlflow.tracking import MlflowClient
+
+    from cabb_ray.tracking import RunLogger
+    from cabb_ray.tune.driver import Search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "runs"
+    folder = storage / "s1"
+    for epoch, text in ((1, b"older"), (2, b"best weights")):
+        kept = folder / "trial_a" / f"checkpoint_00000{epoch}" / "best.pt"
+        kept.parent.mkdir(parents=True)
+        kept.write_bytes(text)
+    search = Search(
+        spec=None, cfg=None, uri=uri, root=tmp_path, name="s1", folder=folder,
+        storage=str(storage), experiment="fallback", resources=None,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+    parent = client.create_run(search.experiment_id).info.run_id
+    child = client.create_run(search.experiment_id).info.run_id  # no artifacts at all
+    search._mark_best(RunLogger(uri, parent), {"run_id": child, "trial": "trial_a"})
+    assert (folder / "best" / "checkpoint.pt").read_bytes() == b"best weights"
+
+
+def test_a_resume_with_another_mlflow_uri_is_refused_in_one_line(tmp_path, monkeypatch):
+    from cabb_ray.tune import cli
+
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("num_samples: 2\nspace:\n  optim.lr: {loguniform: [0.001, 0.01]}\n")
+    from cabb_ray.tune.space import load_space
+
+    folder = tmp_path / "runs" / "m1"
+    folder.mkdir(parents=True)
+    saved = {
+        "parent_run_id": "p",
+        "mlflow_uri": f"sqlite:///{tmp_path / 'first.db'}",
+        "experiment": "space",
+        "space": str(space.resolve()),
+        "num_samples": 2,
+        "scheduler": "asha",
+        **json.loads(json.dumps(cli.search_fingerprint(load_space(space)))),
+    }
+    (folder / "search.json").write_text(json.dumps(saved))
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(CabbRayError, match="records its runs at"):
+        cli.main(["--space", str(space), "--name", "m1", "--resume", "--mlflow-uri", other])
+    assert not (tmp_path / "other.db").exists()
