@@ -30,7 +30,7 @@ from cabb_ray.config import ExperimentConfig, config_to_dict, load_config
 from cabb_ray.data.resolve import resolve_dataset_root
 from cabb_ray.data.samplers import load_sampler
 from cabb_ray.errors import ERROR_REPORT_KEY, CabbRayError, check_name, run_cli
-from cabb_ray.model.checkpoint import load_checkpoint
+from cabb_ray.model.checkpoint import check_same_classes, load_checkpoint, load_weights_strictly
 from cabb_ray.tracking import RunLogger, check_tracking, start_run
 from cabb_ray.tracking_relay import worker_tracking_uri
 from cabb_ray.training.loop import LoopArgs, train_loop
@@ -72,23 +72,10 @@ def check_resume(payload: dict[str, Any], path: Path, cfg: ExperimentConfig, roo
     from cabb_ray.model.network import build_model
 
     categories = load_split(root, cfg.data.val_split).categories
-    ours = sorted((int(c["id"]), c["name"]) for c in categories)
-    theirs = sorted((int(c["id"]), c["name"]) for c in payload.get("categories", []))
-    if ours != theirs:
-        raise CabbRayError(
-            f"--resume {path}: trained on another class set ({len(theirs)} classes) than "
-            f"this dataset's {len(ours)}"
-        )
+    where = f"--resume {path}"
+    check_same_classes(where, payload.get("categories", []), categories)
     model = build_model(cfg, categories, starting_weights=False)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        lines = str(err).splitlines()
-        first = lines[1].strip() if len(lines) > 1 else str(err)
-        raise CabbRayError(
-            f"--resume {path}: its weights do not fit the {cfg.model.preset} network of this "
-            f"config ({first[:200]})"
-        ) from None
+    load_weights_strictly(model, payload["model"], where, cfg.model.preset)
 
 
 @dataclass

@@ -87,6 +87,34 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def check_same_classes(
+    path: str | Path, saved: list[dict[str, Any]], categories: list[dict[str, Any]]
+) -> None:
+    """One line naming the classes that differ when a checkpoint's class set is not ours."""
+    ours = [(int(c["id"]), c["name"], bool(c["isthing"])) for c in categories]
+    theirs = [(int(c["id"]), c["name"], bool(c["isthing"])) for c in saved]
+    if sorted(ours) != sorted(theirs):
+        only_saved = sorted({n for _, n, _ in theirs} - {n for _, n, _ in ours})
+        only_given = sorted({n for _, n, _ in ours} - {n for _, n, _ in theirs})
+        raise CabbRayError(
+            f"{path}: trained on another class set ({len(theirs)} classes vs {len(ours)} "
+            f"given; only in checkpoint: {only_saved or 'none'}; only given: "
+            f"{only_given or 'none'}; ids or kinds may differ too)"
+        )
+
+
+def load_weights_strictly(model: PanopticNet, state: dict[str, Any], path, preset: str) -> None:
+    """``load_state_dict`` whose mismatch is one line naming the file and the first key."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(err)
+        raise CabbRayError(
+            f"{path}: weights do not fit the {preset} network of the config ({first[:200]})"
+        ) from None
+
+
 def model_from_checkpoint(
     path: str | Path, categories: list[dict[str, Any]] | None = None
 ) -> tuple[PanopticNet, ExperimentConfig, list[dict[str, Any]]]:
@@ -95,23 +123,7 @@ def model_from_checkpoint(
     cfg = config_from_dict(payload["config"], where=str(path))
     saved = payload["categories"]
     if categories is not None:
-        ours = [(int(c["id"]), c["name"], bool(c["isthing"])) for c in categories]
-        theirs = [(int(c["id"]), c["name"], bool(c["isthing"])) for c in saved]
-        if sorted(ours) != sorted(theirs):
-            only_saved = sorted({n for _, n, _ in theirs} - {n for _, n, _ in ours})
-            only_given = sorted({n for _, n, _ in ours} - {n for _, n, _ in theirs})
-            raise CabbRayError(
-                f"{path}: trained on another class set ({len(theirs)} classes vs {len(ours)} "
-                f"given; only in checkpoint: {only_saved or 'none'}; only given: "
-                f"{only_given or 'none'}; ids or kinds may differ too)"
-            )
+        check_same_classes(path, saved, categories)
     model = build_model(cfg, saved, starting_weights=False)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise CabbRayError(
-            f"{path}: weights do not fit the {cfg.model.preset} network its config "
-            f"describes ({first})"
-        ) from None
+    load_weights_strictly(model, payload["model"], path, cfg.model.preset)
     return model, cfg, saved
