@@ -210,25 +210,25 @@ def _plain_segment(seg: dict[str, Any]) -> bool:
     )
 
 
+def _checked_list(data: Any, key: str, required, kinds, path: Path) -> list[dict[str, Any]]:
+    """The top-level list ``key``, each item with the ``required`` keys of the ``kinds``."""
+    _require(data, (key,), "top level", path)
+    items = _list(data, key, "top level", path)
+    for i, item in enumerate(items):
+        _require(item, required, f"{key}[{i}]", path)
+        _check_values(item, kinds, f"{key}[{i}]", path)
+    return items
+
+
 def check_categories(data: Any, path: Path) -> list[dict[str, Any]]:
     """The ``categories`` list of a COCO-panoptic JSON object, each with its id, name and
     isthing of the right kind; a one-line error naming ``path`` and the key otherwise."""
-    _require(data, ("categories",), "top level", path)
-    categories = _list(data, "categories", "top level", path)
-    for i, cat in enumerate(categories):
-        _require(cat, REQUIRED_CATEGORY_KEYS, f"categories[{i}]", path)
-        _check_values(cat, CATEGORY_KINDS, f"categories[{i}]", path)
-    return categories
+    return _checked_list(data, "categories", REQUIRED_CATEGORY_KEYS, CATEGORY_KINDS, path)
 
 
 def check_images(data: Any, path: Path) -> list[dict[str, Any]]:
     """The ``images`` list, each with its id, file_name, height and width."""
-    _require(data, ("images",), "top level", path)
-    images = _list(data, "images", "top level", path)
-    for i, img in enumerate(images):
-        _require(img, REQUIRED_IMAGE_KEYS, f"images[{i}]", path)
-        _check_values(img, IMAGE_KINDS, f"images[{i}]", path)
-    return images
+    return _checked_list(data, "images", REQUIRED_IMAGE_KEYS, IMAGE_KINDS, path)
 
 
 def load_split(root: str | Path, split: str) -> PanopticSplit:
