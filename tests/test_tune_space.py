@@ -13,7 +13,8 @@ from cabb_ray.config import load_config
 from cabb_ray.errors import CabbRayError, run_cli
 from cabb_ray.tune.cli import main as tune_main
 from cabb_ray.tune.leaderboard import pareto_front
-from cabb_ray.tune.space import SchedulerSpec, load_space, sampled_values, trial_config
+from cabb_ray.tune.sampling import sampled_values, trial_config
+from cabb_ray.tune.space import SchedulerSpec, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -349,6 +350,30 @@ def test_asha_rungs_are_evaluated_epochs():
     assert SchedulerSpec("asha", 4, 1, 2.0).rungs() == [1, 2, 4]
     assert SchedulerSpec("asha", 100, 5, 3.0).rungs() == [5, 15, 45, 100]  # + where it stops
     assert SchedulerSpec("asha", 9, 2, 1.5).rungs() == [2, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize(
+    ("max_t", "grace", "factor"), [(4, 1, 2.0), (100, 5, 3.0), (9, 2, 1.5), (16, 3, 4.0), (7, 7, 2)]
+)
+def test_asha_rungs_are_where_a_real_ashascheduler_compares_trials(max_t, grace, factor):
+    """Ray's ASHA compares a trial at its first report at or past each milestone of its
+    bracket (``_Bracket.on_result``), and stops every trial at max_t: with one report per
+    epoch, those epochs are ceil(milestone) and max_t."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        metric="pq",
+        mode="max",
+        max_t=max_t,
+        grace_period=grace,
+        reduction_factor=factor,
+    )
+    (bracket,) = scheduler._brackets  # one bracket: brackets=1, Ray's default
+    milestones = {math.ceil(milestone) for milestone, _ in bracket._rungs}
+    assert SchedulerSpec("asha", max_t, grace, float(factor)).rungs() == sorted(
+        milestones | {max_t}
+    )
 
 
 def test_pareto_front_keeps_non_dominated_rows():

@@ -87,7 +87,7 @@ def open_child_run(
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from cabb_ray.tracking import RunLogger, experiment_id, start_run
-    from cabb_ray.tune.space import sampled_values, trial_config
+    from cabb_ray.tune.sampling import sampled_values, trial_config
 
     found = find_child_run(
         setup.uri, experiment_id(setup.uri, setup.experiment), setup.search, trial_id
@@ -120,7 +120,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable (bound to ``setup`` with ``tune.with_parameters``)."""
     import ray.tune
 
-    from cabb_ray.tune.space import trial_config
+    from cabb_ray.tune.sampling import trial_config
 
     started_at = time.time()
     context = ray.tune.get_context()
