@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format quickstart clean
+.PHONY: install test test-fast lint format quickstart clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# everything: what CI runs (.ci/run)
 test: lint
 	$(PY) -m pytest -q
+
+# the unit tier, for use while working: no test that starts Ray, Optuna or MLflow servers or
+# trains for more than a few seconds (those are marked `integration`)
+test-fast: lint
+	$(PY) -m pytest -q -m "not integration"
 
 # The quickstart runs the loss-balance search on the embedded synthetic scenes and the CPU
 # network (Ray Tune + Optuna + ASHA, each trial a Ray Train run) and records it in MLflow:

@@ -27,3 +27,16 @@ def synthetic_copy(synthetic_root, tmp_path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(synthetic_root, target)
     return target
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray with 2 CPUs and the trial slots the search asks for, shut down after."""
+    import ray
+
+    from cabb_ray.training.ray_env import TRIAL_SLOT, quiet_ray
+
+    quiet_ray(verbose=False)
+    ray.init(num_cpus=2, resources={TRIAL_SLOT: 100}, log_to_driver=False)
+    yield
+    ray.shutdown()

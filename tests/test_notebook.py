@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_tune import common_args, tiny_space
+from tests.search_helpers import common_args, tiny_space
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analyze_search.ipynb"
 

@@ -13,7 +13,7 @@ from cabb_ray.report.ablation import SIZE_BINS, ablation_table, markdown, size_b
 from cabb_ray.report.cli import main as report_main
 from cabb_ray.report.fidelity import fidelity_table, trusted_epoch, verdict
 from cabb_ray.report.source import SearchRecord, Trial
-from tests.test_tune import TINY_FIXED, children, common_args, local_ray, tiny_space  # noqa: F401
+from tests.search_helpers import TINY_FIXED, children, common_args, tiny_space
 
 
 class FakeRecord(SearchRecord):
@@ -148,7 +148,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.integration
-def test_two_variant_ablation_end_to_end(local_ray, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_two_variant_ablation_end_to_end(local_ray, tmp_path, monkeypatch, capsys):
     """A real search over two variants x one seed, then the report: every table cell and every
     plotted bar equals the MLflow child runs' metrics, and the files reach the parent run."""
     from cabb_ray.tune.cli import main as tune_main
