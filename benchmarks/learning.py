@@ -42,7 +42,7 @@ def main() -> None:
     )
     parser.add_argument("--config", default="cpu_quickstart")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--at", type=float, nargs="+", default=[25, 50, 100], help="%% of the budget")
+    parser.add_argument("--at", type=float, nargs="+", default=[25, 50, 100], help="%% of budget")
     parser.add_argument("--holdout-seed", type=int, default=50, help="scenes nothing saw")
     parser.add_argument("--holdout-images", type=int, default=48)
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -228,32 +228,3 @@ def per_class_table(per_class: list[dict[str, Any]]) -> str:
             f"{pct(row['sq'])} | {pct(row['rq'])} | {pct(row['pc'])} | {pct(row['iou'])} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def size_bin_plot(metrics: dict[str, float], path: str | Path) -> Path:
-    """Bars of box and mask AP per ground-truth size-percentile bin (the CABB paper's Fig. 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    bins = [k[len("map_") :] for k in metrics if k.startswith("map_p")]
-    x = np.arange(len(bins))
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for offset, (label, prefix, color) in zip(
-        (-0.2, 0.2), (("box AP", "box_map_", "#37a"), ("mask AP", "map_", "#3a7")), strict=True
-    ):
-        values = [metrics.get(prefix + b, float("nan")) for b in bins]
-        heights = [100 * (v if v == v else 0.0) for v in values]
-        ax.bar(x + offset, heights, 0.4, color=color, label=label)
-    ax.set_xticks(x, bins)
-    ax.set_xlabel("GT instance area percentile")
-    ax.set_ylabel("AP (%)")
-    ax.set_title("AP by instance size")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

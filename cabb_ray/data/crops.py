@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import masks_to_boxes
 
 from cabb_ray.structures.classes import ClassMapping
 
@@ -125,6 +126,12 @@ def full_extent_boxes(bbox_xywh: np.ndarray, window: CropWindow) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1)
 
 
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[N, 4] float boxes (x0, y0, x1, y1) of [N, H, W] non-empty masks, x1 and y1 one past
+    the last pixel (torchvision's masks_to_boxes gives the last pixel itself)."""
+    return masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+
 def extract_crop(
     image: np.ndarray,
     ids: np.ndarray,
@@ -153,15 +160,12 @@ def extract_crop(
         for s in segments
         if int(s["category_id"]) in classes.thing_ids and not s.get("iscrowd", 0)
     ]
-    masks, boxes, labels, kept = [], [], [], []
+    masks, labels, kept = [], [], []
     for seg in things:
         mask = crop_ids == int(seg["id"])
         if int(mask.sum()) < min_visible_pixels:
             continue
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
         masks.append(mask)
-        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
         labels.append(classes.thing_label(int(seg["category_id"])))
         kept.append(seg)
     bbox = np.array([s["bbox"] for s in kept], dtype=np.float64).reshape(-1, 4)
@@ -170,14 +174,17 @@ def extract_crop(
     if window.flip:
         cut = cut[:, [2, 1, 0, 3]]
     h, w = window.height, window.width
+    target_masks = (
+        torch.from_numpy(np.stack(masks).astype(np.uint8))
+        if masks
+        else torch.zeros((0, h, w), dtype=torch.uint8)
+    )
     return {
         "image": torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0,
         "target": {
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "boxes": mask_boxes(target_masks),
             "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack(masks).astype(np.uint8))
-            if masks
-            else torch.zeros((0, h, w), dtype=torch.uint8),
+            "masks": target_masks,
             "cut": torch.from_numpy(cut.astype(bool)).reshape(-1, 4),
             "full_boxes": torch.from_numpy(full.astype(np.float32)).reshape(-1, 4),
             "semantic": torch.from_numpy(np.ascontiguousarray(semantic)).to(torch.int64),

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from cabb_ray.errors import CabbRayError
+from cabb_ray.structures.boxes import label_boxes
 
 REQUIRED_TOP_KEYS = ("images", "annotations", "categories")
 REQUIRED_IMAGE_KEYS = ("id", "file_name", "height", "width")
@@ -301,22 +302,11 @@ def segments_from_ids(ids: np.ndarray, segment_meta: dict[int, dict[str, int]]) 
 
     ``segment_meta`` maps segment id to ``{"category_id", "iscrowd"}``.
     """
-    flat = ids.ravel()
-    present, inverse, counts = _unique_with_inverse(flat)
-    height, width = ids.shape
-    rows = np.repeat(np.arange(height), width)
-    cols = np.tile(np.arange(width), height)
-    n = len(present)
-    x0 = np.full(n, width)
-    y0 = np.full(n, height)
-    x1 = np.full(n, -1)
-    y1 = np.full(n, -1)
-    np.minimum.at(x0, inverse, cols)
-    np.minimum.at(y0, inverse, rows)
-    np.maximum.at(x1, inverse, cols)
-    np.maximum.at(y1, inverse, rows)
+    present, inverse, counts = _unique_with_inverse(ids.ravel())
+    # ranks 1..n as labels: find_objects lists one entry per label up to the largest
+    boxes = label_boxes(inverse.reshape(ids.shape) + 1, len(present))
     segments = []
-    for k, seg_id in enumerate(present.tolist()):
+    for seg_id, area, bbox in zip(present.tolist(), counts.tolist(), boxes, strict=True):
         if seg_id == 0:
             continue
         meta = segment_meta[seg_id]
@@ -325,8 +315,8 @@ def segments_from_ids(ids: np.ndarray, segment_meta: dict[int, dict[str, int]]) 
                 "id": int(seg_id),
                 "category_id": int(meta["category_id"]),
                 "iscrowd": int(meta["iscrowd"]),
-                "area": int(counts[k]),
-                "bbox": [int(x0[k]), int(y0[k]), int(x1[k] - x0[k] + 1), int(y1[k] - y0[k] + 1)],
+                "area": int(area),
+                "bbox": bbox,
             }
         )
     return segments

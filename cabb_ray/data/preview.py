@@ -11,41 +11,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.data.crop_dataset import CropDataset
-
-BOX = (40, 220, 60)
-CUT = (235, 30, 30)
-
-
-def render_crop(sample: dict[str, Any]) -> Image.Image:
-    """One crop with masks, boxes and cut sides drawn."""
-    image = (sample["image"].permute(1, 2, 0).numpy() * 255).astype(np.float32)
-    target = sample["target"]
-    rng = np.random.default_rng(0)
-    for mask in target["masks"].numpy().astype(bool):
-        colour = rng.uniform(60, 255, 3)
-        image[mask] = 0.5 * image[mask] + 0.5 * colour
-    canvas = Image.fromarray(image.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for box, cut in zip(target["boxes"].tolist(), target["cut"].tolist(), strict=True):
-        x0, y0, x1, y1 = box
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BOX, width=1)
-        sides = [
-            ((x0, y0), (x0, y1 - 1)),
-            ((x0, y0), (x1 - 1, y0)),
-            ((x1 - 1, y0), (x1 - 1, y1 - 1)),
-            ((x0, y1 - 1), (x1 - 1, y1 - 1)),
-        ]
-        for is_cut, side in zip(cut, sides, strict=True):
-            if is_cut:
-                draw.line(side, fill=CUT, width=3)
-    return canvas
+from cabb_ray.viz import render_crop
 
 
 def write_preview(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from cabb_ray.data.index import read_segment_index
@@ -48,14 +49,23 @@ class SizeStats:
         return out
 
 
+def _things(table: pa.Table) -> pa.Table:
+    """The non-crowd thing segments: the instances a crop cuts and CABB sees."""
+    return table.filter(pc.and_(table["isthing"], pc.invert(table["iscrowd"])))
+
+
+def _thing_sides(things: pa.Table) -> np.ndarray:
+    return np.sqrt(things["area"].to_numpy().astype(float))
+
+
 def thing_size_stats(root: str | Path, split: str, crop: int = 256) -> SizeStats:
     """Size distribution of non-crowd thing instances, from the index alone."""
     table = read_segment_index(root, split)
-    things = table.filter(pc.and_(table["isthing"], pc.invert(table["iscrowd"])))
+    things = _things(table)
     crowd = table.filter(pc.and_(table["isthing"], table["iscrowd"])).num_rows
     if things.num_rows == 0:
         raise CabbRayError(f"{root}: split '{split}' has no thing instances")
-    side = np.sqrt(things["area"].to_numpy().astype(float))
+    side = _thing_sides(things)
     boxes = np.asarray(things["bbox"].to_pylist(), dtype=float)
     larger = (boxes[:, 2] > crop) | (boxes[:, 3] > crop)
     counts, _ = np.histogram(side, bins=SIZE_BIN_EDGES)
@@ -79,22 +89,7 @@ def thing_size_stats(root: str | Path, split: str, crop: int = 256) -> SizeStats
 
 def plot_size_histogram(root: str | Path, split: str, out: str | Path) -> Path:
     """PNG histogram of thing sqrt(area) on log bins, for people who would rather look."""
-    import matplotlib
+    from cabb_ray.viz import size_histogram
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = read_segment_index(root, split)
-    things = table.filter(pc.and_(table["isthing"], pc.invert(table["iscrowd"])))
-    side = np.sqrt(things["area"].to_numpy().astype(float))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(side, bins=np.geomspace(max(side.min(), 1), side.max(), 30))
-    ax.set_xscale("log")
-    ax.set_xlabel("sqrt(instance area) [px]")
-    ax.set_ylabel("thing instances")
-    ax.set_title(f"{Path(root).name}/{split}: {len(side)} instances")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    side = _thing_sides(_things(read_segment_index(root, split)))
+    return size_histogram(side, f"{Path(root).name}/{split}: {len(side)} instances", out)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cabb_ray.config import EvalConfig
+from cabb_ray.structures.boxes import label_boxes
 from cabb_ray.structures.classes import ClassMapping
 
 
@@ -26,12 +27,6 @@ class PanopticPrediction:
     ids: np.ndarray
     segments: list[dict[str, Any]]
     instances: list[dict[str, Any]]
-
-
-def _bbox(mask: np.ndarray) -> list[int]:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
 def panoptic_fusion(
@@ -75,7 +70,6 @@ def panoptic_fusion(
                 "iscrowd": 0,
                 "score": float(scores[k]),
                 "area": int(free.sum()),
-                "bbox": _bbox(free),
             }
         )
     things = set(classes.thing_ids)
@@ -94,7 +88,9 @@ def panoptic_fusion(
                 "category_id": category,
                 "iscrowd": 0,
                 "area": area,
-                "bbox": _bbox(region),
             }
         )
+    # segment k is exactly the pixels where ids == k (nothing placed is overwritten)
+    for seg, box in zip(segments, label_boxes(ids, len(segments)), strict=True):
+        seg["bbox"] = box
     return PanopticPrediction(ids, segments, instances)

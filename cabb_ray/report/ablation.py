@@ -1,5 +1,6 @@
 """The ablation's results as the CABB paper shows them: Table 1 (mean +- std over seeds per
-variant) and Fig. 5 (box and mask AP per ground-truth size-percentile bin per variant).
+variant) and the numbers of Fig. 5 (box and mask AP per ground-truth size-percentile bin per
+variant; cabb_ray.viz.size_bin_plot draws it).
 
 Rows are the space file's variants (each trial's sampled ``variant``), in the file's order;
 each row aggregates the finished trials of that variant, one per seed (a variant without a
@@ -10,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ import pandas as pd
 from cabb_ray.errors import CabbRayError
 from cabb_ray.metrics.names import SIZE_PERCENTILES
 from cabb_ray.report.source import SearchRecord, Trial
+from cabb_ray.viz import AP_KINDS
 
 # (column title, metric key): Table 1's columns, plus box AP (CABB acts on the boxes)
 TABLE_COLUMNS = (
@@ -33,7 +34,6 @@ TABLE_COLUMNS = (
     ("PQ-dagger", "pq_dagger"),
 )
 SIZE_BINS = tuple(f"p{a}-{b}" for a, b in itertools.pairwise(SIZE_PERCENTILES))
-AP_KINDS = (("box", "box_map_"), ("mask", "map_"))
 
 
 def variant_order(record: SearchRecord) -> list[str]:
@@ -116,43 +116,3 @@ def markdown(table: pd.DataFrame, title: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Percent; mean ± sample std over seeds (n trials per variant)."]
     return "\n".join(lines) + "\n"
-
-
-def size_bin_plot(bins: pd.DataFrame, path: Path, title: str) -> Path:
-    """Fig. 5: grouped bars of AP per size-percentile bin, one colour per variant, error
-    bars one std over seeds; box AP left, mask AP right (variants without a finished trial are
-    left out; a bin with no value is drawn at 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(dict.fromkeys(bins[bins["trials"] > 0]["variant"]))  # rows with results
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    width = 0.8 / max(len(variants), 1)
-    x = np.arange(len(SIZE_BINS))
-    colors = plt.get_cmap("tab10")
-    for ax, (kind, _) in zip(axes, AP_KINDS, strict=True):
-        for k, variant in enumerate(variants):
-            part = bins[(bins["variant"] == variant) & (bins["kind"] == kind)].set_index("bin")
-            means = [100 * part.loc[b, "mean"] for b in SIZE_BINS]
-            stds = [100 * part.loc[b, "std"] for b in SIZE_BINS]
-            ax.bar(
-                x + (k - (len(variants) - 1) / 2) * width,
-                np.nan_to_num(means),
-                width,
-                yerr=np.nan_to_num(stds),
-                capsize=2,
-                color=colors(k % 10),
-                label=variant,
-            )
-        ax.set_xticks(x, [f"{b[1:]}%" for b in SIZE_BINS])
-        ax.set_xlabel("GT instance area percentile bin (largest on the right)")
-        ax.set_title(f"{kind} AP by instance size")
-    axes[0].set_ylabel("AP (%)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ablation(record, out: Path) -> list[Path]:
-    from cabb_ray.report.ablation import ablation_table, markdown, size_bin_plot, size_bin_table
+    from cabb_ray.report.ablation import ablation_table, markdown, size_bin_table
+    from cabb_ray.viz import size_bin_plot
 
     table = ablation_table(record)
     text = markdown(table, f"Ablation {record.name}")
@@ -87,7 +88,8 @@ def _ablation(record, out: Path) -> list[Path]:
 
 
 def _fidelity(record, out: Path, threshold: float) -> list[Path]:
-    from cabb_ray.report.fidelity import fidelity_plot, fidelity_table, verdict
+    from cabb_ray.report.fidelity import fidelity_table, verdict
+    from cabb_ray.viz import fidelity_plot
 
     table = fidelity_table(record)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

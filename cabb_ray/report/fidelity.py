@@ -9,7 +9,6 @@ end and were evaluated every epoch (``python -m cabb_ray.tune --no-early-stoppin
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 
@@ -91,24 +90,3 @@ def verdict(table: pd.DataFrame, threshold: float) -> str:
         f"rankings agree with the final ones (tau >= {threshold:g}) from epoch {epoch} of {last}: "
         f"a grace period of {epoch} epoch(s) ({100 * epoch / last:.0f}% of training) is safe"
     )
-
-
-def fidelity_plot(table: pd.DataFrame, threshold: float, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(table["epoch"], table["tau"], "o-", color="#36a", label="Kendall tau")
-    ax.axhline(threshold, color="#c33", linestyle="--", label=f"trusted (tau >= {threshold:g})")
-    ax.set_xticks(table["epoch"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("tau(PQ at epoch, final PQ)")
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

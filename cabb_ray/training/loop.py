@@ -30,11 +30,11 @@ from cabb_ray.data.panoptic_format import PanopticSplit, load_split
 from cabb_ray.losses.balancing import host_values
 from cabb_ray.metrics.names import METRIC_NAMES
 from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
-from cabb_ray.tracking import RunLogger, per_class_table, size_bin_plot
+from cabb_ray.tracking import RunLogger, per_class_table
 from cabb_ray.training.engine import TrainState, evaluate, train_step
 from cabb_ray.training.sessions import BEST_FILE
 from cabb_ray.training.state import build_training, checkpoint_payload
-from cabb_ray.viz import category_colors, overlay
+from cabb_ray.viz import category_colors, overlay, size_bin_plot, size_bins_of
 
 # Reported (to Ray, a search's Tune, the session) in this order, which Tune's progress table
 # follows; size-bin APs and counts go to MLflow only.
@@ -361,7 +361,7 @@ def _log_evaluation(logger: RunLogger, result, kept, state: TrainState, val: Pan
         per_class_table(result.to_json()["per_class"]), f"eval/epoch_{state.epoch:03d}/per_class.md"
     )
     with tempfile.TemporaryDirectory() as folder:
-        plot = size_bin_plot(result.metrics, Path(folder) / "ap_by_size.png")
+        plot = size_bin_plot(size_bins_of(result.metrics), Path(folder) / "ap_by_size.png")
         logger.artifact(plot, f"eval/epoch_{state.epoch:03d}")
         colors = category_colors(val.categories)
         for image, rgb, prediction in kept:

@@ -358,7 +358,8 @@ class Search:
         self.print_summary(top, table)
 
     def _log_table(self, parent, table) -> None:
-        from cabb_ray.tune.leaderboard import cost_totals, pareto_front, pareto_plot
+        from cabb_ray.tune.leaderboard import cost_totals, objective_study, pareto_front
+        from cabb_ray.viz import pareto_plot
 
         if table.empty:
             return
@@ -387,9 +388,9 @@ class Search:
                 front = pareto_front(table, self.spec.metrics, self.spec.modes)
                 front.to_csv(Path(tmp) / "pareto_front.csv", index=False)
                 parent.artifact(Path(tmp) / "pareto_front.csv")
-                parent.artifact(
-                    pareto_plot(table, front, self.spec.metrics, Path(tmp) / "pareto_front.png")
-                )
+                study = objective_study(table, self.spec.metrics, self.spec.modes)
+                plot = pareto_plot(study, Path(tmp) / "pareto_front.png", self.spec.metrics)
+                parent.artifact(plot)
 
     def _trial_best_file(self, trial_id: str) -> Path | None:
         """The best weights kept in the trial's newest Tune checkpoint (in-process trials),

@@ -7,18 +7,24 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from cabb_ray.metrics.names import METRIC_NAMES
 from cabb_ray.tune.tags import TAG_OUTCOME, TAG_SAMPLED, TAG_TRIAL, children_filter
 
+if TYPE_CHECKING:
+    import optuna
+
 SHOWN_METRICS = (*METRIC_NAMES, "best_pq")
 
 
 def child_runs(uri: str, experiment_id: str, search: str) -> list[Any]:
+    """Every child run of the search, paged: ``mlflow.search_runs`` pages too, but only on the
+    process-wide tracking URI (we pass ours explicitly), and its pandas form is not the Run
+    objects that leaderboard() and report.source read tags and run info from."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -72,44 +78,39 @@ def cost_totals(table: pd.DataFrame) -> tuple[float, float]:
     return float(table["device_h"].fillna(0).sum()), float(table["saved_device_h"].fillna(0).sum())
 
 
-def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
-    """Rows not dominated in both objectives (ties kept)."""
-    signs = [1.0 if mode == "max" else -1.0 for mode in modes]
-    values = table[metrics].to_numpy(dtype=float) * signs
-    keep = []
-    for i, row in enumerate(values):
-        if any(math.isnan(v) for v in row):
-            continue
-        dominated = any(
-            all(other >= row) and any(other > row)
-            for j, other in enumerate(values)
-            if j != i and not any(math.isnan(v) for v in other)
+def objective_study(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> optuna.Study:
+    """The rows with every objective as an in-memory Optuna study (user attrs ``row``: the
+    row's position, ``trial``: its Tune trial id), for Optuna's Pareto front and plot.
+
+    Built from the MLflow table rather than loaded from the search's optuna.db: the study's
+    trials carry no Tune trial id or MLflow run id to find their rows by.
+    """
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
+    try:
+        study = optuna.create_study(
+            directions=["maximize" if mode == "max" else "minimize" for mode in modes]
         )
-        if not dominated:
-            keep.append(i)
-    return table.iloc[keep].sort_values(metrics[0], ascending=modes[0] == "min")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    values = table[metrics].to_numpy(dtype=float)
+    names = table["trial"].astype(str).tolist()
+    study.add_trials(
+        optuna.trial.create_trial(values=row.tolist(), user_attrs={"row": i, "trial": names[i]})
+        for i, row in enumerate(values)
+        if not np.isnan(row).any()
+    )
+    return study
 
 
-def pareto_plot(table: pd.DataFrame, front: pd.DataFrame, metrics: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, y = metrics
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter(table[x], table[y], color="#999", label="trials")
-    ax.plot(front[x], front[y], "o-", color="#c33", label="Pareto front")
-    for _, row in front.iterrows():
-        ax.annotate(str(row["trial"]), (row[x], row[y]), fontsize=7)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title("search trials: Pareto front")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def pareto_front(table: pd.DataFrame, metrics: list[str], modes: list[str]) -> pd.DataFrame:
+    """Rows not dominated in the objectives (ties kept; rows missing one left out): Optuna's
+    ``best_trials`` of objective_study, best first by the first objective."""
+    study = objective_study(table, metrics, modes)
+    rows = sorted(trial.user_attrs["row"] for trial in study.best_trials)
+    return table.iloc[rows].sort_values(metrics[0], ascending=modes[0] == "min")
 
 
 CONSOLE_WIDTH = 120
