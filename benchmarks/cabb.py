@@ -21,10 +21,10 @@ import time
 import torch
 from torch.nn import functional as F
 
-from cabb_ray.losses.cabb import crop_aware_targets
+from cabb_ray.losses.cabb import DEFAULT_BETA, crop_aware_targets
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-BETA = 1.0 / 9.0
+BETA = DEFAULT_BETA
 
 
 def make_boxes(n: int, cut_fraction: float, device: str, seed: int = 0):

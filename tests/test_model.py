@@ -4,6 +4,7 @@ and the CPU preset can fit a few crops."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 
 import pytest
@@ -11,10 +12,13 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from cabb_ray.config import load_config
+from cabb_ray.config import LOSS_TERMS, load_config
 from cabb_ray.data.crop_dataset import CropDataset, collate_crops
 from cabb_ray.errors import CabbRayError
-from cabb_ray.model.network import build_model
+from cabb_ray.losses.cabb import DEFAULT_BETA
+from cabb_ray.model.crop_aware_roi_heads import CropAwareRoIHeads
+from cabb_ray.model.crop_aware_rpn import CropAwareRPN
+from cabb_ray.model.network import LOSS_NAMES, PanopticNet, build_model, network_kwargs
 
 SMALL = ["data.crop_size=[64, 96]", "data.shortest_side=128", "model.canonical_scale=28"]
 
@@ -219,3 +223,47 @@ def test_pretrained_options(tmp_path, monkeypatch):
         CabbRayError, match=r"could not download .* --set model\.pretrained=/path/to"
     ):
         build_model(load_config("cpu_quickstart", ["model.pretrained=imagenet"]), categories)
+
+
+def test_loss_names_are_the_config_loss_terms(batch):
+    """One mapping from the modules' loss names to ours, the balancer's terms in their order;
+    a training step returns exactly those, in that order."""
+    assert tuple(LOSS_NAMES.values()) == LOSS_TERMS
+    cfg, categories, images, targets = batch
+    torch.manual_seed(0)
+    losses = build_model(cfg, categories).train()(images, targets)
+    assert tuple(losses) == LOSS_TERMS
+
+
+def test_network_kwargs_fill_every_network_setting(batch):
+    """``network_kwargs`` is the one place config is read: it names every keyword of
+    ``PanopticNet`` but the class counts, and a network built from it directly has
+    ``build_model``'s structure and settings."""
+    cfg, categories, *_ = batch
+    overrides = ["loss.roi_beta=0.25", "loss.cabb_rpn=false", "model.pretrained=synthetic"]
+    cfg = load_config("cpu_quickstart", [*SMALL, *overrides])  # body weights: both read them
+    kwargs = network_kwargs(cfg)
+    params = inspect.signature(PanopticNet.__init__).parameters
+    keywords = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(kwargs) == keywords - {"num_things", "num_classes", "starting_weights"}
+    things = sum(1 for c in categories if c["isthing"])
+    torch.manual_seed(0)
+    direct = PanopticNet(**kwargs, num_things=things, num_classes=len(categories))
+    torch.manual_seed(0)
+    built = build_model(cfg, categories)
+    assert direct.state_dict().keys() == built.state_dict().keys()
+    for key, value in built.state_dict().items():
+        assert torch.equal(direct.state_dict()[key], value), key
+    assert (direct.rpn.cabb, direct.rpn.beta) == (False, DEFAULT_BETA)
+    assert (direct.roi_heads.cabb, direct.roi_heads.beta) == (True, 0.25)
+    with pytest.raises(TypeError):
+        PanopticNet(cfg, things, len(categories))  # no positional settings, no config
+
+
+def test_crop_aware_heads_take_thresholds_by_keyword():
+    """Positional thresholds are easy to swap silently: the heads refuse them."""
+    for cls, modules in ((CropAwareRPN, 2), (CropAwareRoIHeads, 3)):
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        positional = [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        assert len(positional) == modules, (cls.__name__, positional)
+        assert params[-1].name == "beta" and params[-1].default == DEFAULT_BETA

@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from cabb_ray.config import DEFAULT_BETA  # the smooth-L1 default, defined once
+
 NEWTON_STEPS = 12
 COMPACT_EVERY = 3
-DEFAULT_BETA = 1.0 / 9.0
 
 
 def _huber(z: Tensor, beta: float) -> Tensor:

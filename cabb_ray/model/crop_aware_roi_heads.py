@@ -13,7 +13,7 @@ proposals are regressed towards the box whose cut sides lie on the crop border
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
@@ -22,15 +22,54 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_loss,
 )
 
-from cabb_ray.losses.cabb import crop_aware_smooth_l1
+from cabb_ray.losses.cabb import DEFAULT_BETA, crop_aware_smooth_l1
 from cabb_ray.model.crop_aware_rpn import _cut_of, cabb_target_boxes
 
 
 class CropAwareRoIHeads(RoIHeads):
-    """Box and mask heads whose box loss lets cut sides of ground-truth boxes move outward."""
+    """Box and mask heads whose box loss lets cut sides of ground-truth boxes move outward.
 
-    def __init__(self, *args, cabb: bool = True, beta: float = 1.0 / 9.0, **kwargs):
-        super().__init__(*args, **kwargs)
+    The arguments are torchvision's ``RoIHeads``'s, by keyword; the mask branch is required
+    (``forward`` always runs it) and keypoints are not supported. ``cabb`` and ``beta`` set the
+    box loss.
+    """
+
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        *,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: tuple[float, float, float, float] | None,
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+        mask_roi_pool: nn.Module,
+        mask_head: nn.Module,
+        mask_predictor: nn.Module,
+        cabb: bool = True,
+        beta: float = DEFAULT_BETA,
+    ):
+        super().__init__(
+            box_roi_pool,
+            box_head,
+            box_predictor,
+            fg_iou_thresh=fg_iou_thresh,
+            bg_iou_thresh=bg_iou_thresh,
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            bbox_reg_weights=bbox_reg_weights,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            mask_roi_pool=mask_roi_pool,
+            mask_head=mask_head,
+            mask_predictor=mask_predictor,
+        )
         self.cabb = cabb
         self.beta = beta
 
@@ -42,7 +81,7 @@ class CropAwareRoIHeads(RoIHeads):
         regression_targets: list[Tensor],
         cuts: list[Tensor],
     ) -> tuple[Tensor, Tensor]:
-        if not self.cabb and self.beta == 1.0 / 9.0:
+        if not self.cabb and self.beta == DEFAULT_BETA:  # torchvision's loss hard-codes 1/9
             return fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         labels_all = torch.cat(labels, dim=0)
         targets = torch.cat(regression_targets, dim=0)

@@ -14,18 +14,49 @@ uses the mask box, as without CABB.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from cabb_ray.losses.cabb import crop_aware_smooth_l1
+from cabb_ray.losses.cabb import DEFAULT_BETA, crop_aware_smooth_l1
 
 
 class CropAwareRPN(RegionProposalNetwork):
-    """RPN whose box loss lets cut sides of ground-truth boxes move outward."""
+    """RPN whose box loss lets cut sides of ground-truth boxes move outward.
 
-    def __init__(self, *args, cabb: bool = True, beta: float = 1.0 / 9.0, **kwargs):
-        super().__init__(*args, **kwargs)
+    The arguments are torchvision's ``RegionProposalNetwork``'s, by keyword (positional
+    thresholds are easy to swap), plus the CABB switch and the smooth-L1 ``beta``.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: nn.Module,
+        *,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        pre_nms_top_n: dict[str, int],
+        post_nms_top_n: dict[str, int],
+        nms_thresh: float,
+        score_thresh: float = 0.0,
+        cabb: bool = True,
+        beta: float = DEFAULT_BETA,
+    ):
+        super().__init__(
+            anchor_generator,
+            head,
+            fg_iou_thresh=fg_iou_thresh,
+            bg_iou_thresh=bg_iou_thresh,
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            pre_nms_top_n=pre_nms_top_n,
+            post_nms_top_n=post_nms_top_n,
+            nms_thresh=nms_thresh,
+            score_thresh=score_thresh,
+        )
         self.cabb = cabb
         self.beta = beta
         self._matched_cut: list[Tensor] = []

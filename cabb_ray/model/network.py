@@ -28,21 +28,33 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from cabb_ray.config import ExperimentConfig
 from cabb_ray.errors import CabbRayError
+from cabb_ray.losses.cabb import DEFAULT_BETA
 from cabb_ray.model.backbones import build_backbone
 from cabb_ray.model.crop_aware_roi_heads import CropAwareRoIHeads
 from cabb_ray.model.crop_aware_rpn import CropAwareRPN
 from cabb_ray.model.pretrained import full_network_file, read_full_network_file
 
+# Our name for each training loss, keyed by the name the module computing it returns
+# (torchvision's for the RPN and RoI heads): the one mapping, in ``LOSS_TERMS`` order
+# (tests/test_model.py checks the values against ``cabb_ray.config.LOSS_TERMS``).
 LOSS_NAMES = {
     "loss_objectness": "rpn_objectness",
     "loss_rpn_box_reg": "rpn_box",
     "loss_classifier": "roi_cls",
     "loss_box_reg": "roi_box",
     "loss_mask": "roi_mask",
+    "loss_semantic": "semantic",
 }
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 SIZE_DIVISIBLE = 32
+# torchvision's Mask R-CNN values, the same for every preset.
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+RPN_POSITIVE_FRACTION = 0.5
+RPN_NMS_THRESHOLD = 0.7
+ROI_IOU = (0.5, 0.5)  # proposals above are objects, below background
+ROI_POSITIVE_FRACTION = 0.25
+ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -134,69 +146,99 @@ class SemanticHead(nn.Module):
 
 
 class PanopticNet(nn.Module):
-    """Backbone + FPN, CABB-aware Mask R-CNN heads and a semantic head."""
+    """Backbone + FPN, CABB-aware Mask R-CNN heads and a semantic head.
+
+    Every setting is an explicit keyword argument, as in torchvision's ``FasterRCNN``;
+    ``network_kwargs`` is where an ``ExperimentConfig`` fills them (``build_model``).
+    ``preset`` picks the ``ARCHITECTURES`` sizes; ``roi_levels``, ``canonical_scale`` and
+    ``canonical_level`` are the RoI poolers' level rule, which ISUS shares
+    (``cabb_ray.structures.levels``). ``starting_weights=False`` builds the structure without
+    reading ``pretrained``'s body weights.
+    """
 
     def __init__(
         self,
-        cfg: ExperimentConfig,
+        *,
         num_things: int,
         num_classes: int,
+        preset: str,
+        pretrained: str,
+        fpn_channels: int,
+        trainable_backbone_layers: int,
+        roi_levels: tuple[int, int],
+        canonical_scale: float,
+        canonical_level: int,
+        detection_score_threshold: float,
+        detection_nms_threshold: float,
+        cabb_rpn: bool = True,
+        cabb_roi: bool = True,
+        rpn_beta: float = DEFAULT_BETA,
+        roi_beta: float = DEFAULT_BETA,
         starting_weights: bool = True,
     ):
         super().__init__()
-        self.arch = ARCHITECTURES[cfg.model.preset]
+        k_min, k_max = roi_levels
+        if not 2 <= k_min <= k_max <= 5:
+            raise CabbRayError(
+                f"model.roi_levels: expected levels within P2..P5, got [{k_min}, {k_max}]"
+            )
+        self.arch = arch = ARCHITECTURES[preset]
         self.num_things, self.num_classes = num_things, num_classes
-        arch, loss, model = self.arch, cfg.loss, cfg.model
         self.backbone = build_backbone(
             arch.backbone,
-            model.preset,
-            model.pretrained,
-            model.fpn_channels,
-            model.trainable_backbone_layers,
+            preset,
+            pretrained,
+            fpn_channels,
+            trainable_backbone_layers,
             starting_weights,
         )
         channels = self.backbone.out_channels
         octave = tuple(2.0 ** (k / arch.anchor_scales) for k in range(arch.anchor_scales))
         sizes = tuple(tuple(base * f for f in octave) for base in arch.anchor_sizes)
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+        anchors = AnchorGenerator(sizes, (ANCHOR_RATIOS,) * len(sizes))
         self.rpn = CropAwareRPN(
             anchors,
-            RPNHead(channels, 3 * arch.anchor_scales),
-            arch.rpn_iou[0],
-            arch.rpn_iou[1],
-            arch.rpn_batch,
-            0.5,
-            dict(zip(("training", "testing"), arch.rpn_pre_nms, strict=True)),
-            dict(zip(("training", "testing"), arch.rpn_post_nms, strict=True)),
-            0.7,
-            cabb=loss.cabb_rpn,
-            beta=loss.rpn_beta,
+            RPNHead(channels, len(ANCHOR_RATIOS) * arch.anchor_scales),
+            fg_iou_thresh=arch.rpn_iou[0],
+            bg_iou_thresh=arch.rpn_iou[1],
+            batch_size_per_image=arch.rpn_batch,
+            positive_fraction=RPN_POSITIVE_FRACTION,
+            pre_nms_top_n=dict(zip(("training", "testing"), arch.rpn_pre_nms, strict=True)),
+            post_nms_top_n=dict(zip(("training", "testing"), arch.rpn_post_nms, strict=True)),
+            nms_thresh=RPN_NMS_THRESHOLD,
+            cabb=cabb_rpn,
+            beta=rpn_beta,
         )
-        k_min, k_max = cfg.model.roi_levels
         names = [str(level - 2) for level in range(k_min, k_max + 1)]
-        pool = {
-            "canonical_scale": cfg.model.canonical_scale,
-            "canonical_level": cfg.model.canonical_level,
-        }
+
+        def pool(size: int) -> MultiScaleRoIAlign:
+            return MultiScaleRoIAlign(
+                names,
+                size,
+                arch.roi_sampling_ratio,
+                canonical_scale=canonical_scale,
+                canonical_level=canonical_level,
+            )
+
         self.roi_heads = CropAwareRoIHeads(
-            MultiScaleRoIAlign(names, 7, arch.roi_sampling_ratio, **pool),
+            pool(7),
             TwoMLPHead(channels * 49, arch.box_representation),
             FastRCNNPredictor(arch.box_representation, num_things + 1),
-            0.5,
-            0.5,
-            arch.roi_batch,
-            0.25,
-            (10.0, 10.0, 5.0, 5.0),
-            cfg.eval.detection_score_threshold,
-            cfg.eval.detection_nms_threshold,
-            arch.detections,
-            mask_roi_pool=MultiScaleRoIAlign(names, 14, arch.roi_sampling_ratio, **pool),
+            fg_iou_thresh=ROI_IOU[0],
+            bg_iou_thresh=ROI_IOU[1],
+            batch_size_per_image=arch.roi_batch,
+            positive_fraction=ROI_POSITIVE_FRACTION,
+            bbox_reg_weights=ROI_BOX_WEIGHTS,
+            score_thresh=detection_score_threshold,
+            nms_thresh=detection_nms_threshold,
+            detections_per_img=arch.detections,
+            mask_roi_pool=pool(14),
             mask_head=MaskRCNNHeads(channels, arch.mask_layers, 1),
             mask_predictor=MaskRCNNPredictor(
                 arch.mask_layers[-1], arch.mask_layers[-1], num_things + 1
             ),
-            cabb=loss.cabb_roi,
-            beta=loss.roi_beta,
+            cabb=cabb_roi,
+            beta=roi_beta,
         )
         self.semantic_head = SemanticHead(channels, arch.semantic_channels, num_classes)
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
@@ -242,32 +284,59 @@ class PanopticNet(nn.Module):
             for k, t in enumerate(targets):
                 h, w = t["semantic"].shape
                 sem_target[k, :h, :w] = t["semantic"]
-            losses = {LOSS_NAMES[k]: v for k, v in {**rpn_losses, **roi_losses}.items()}
-            losses["semantic"] = F.cross_entropy(semantic, sem_target, ignore_index=255)
-            return losses
+            raw = {
+                **rpn_losses,
+                **roi_losses,
+                "loss_semantic": F.cross_entropy(semantic, sem_target, ignore_index=255),
+            }
+            return {ours: raw[theirs] for theirs, ours in LOSS_NAMES.items()}
         for det, (h, w), sem in zip(detections, image_list.image_sizes, semantic, strict=True):
             det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], (h, w))
             det["semantic"] = sem[:, :h, :w]
         return detections
 
 
+def network_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``PanopticNet``'s keyword arguments, except the class counts, from an experiment config:
+    the one place the network's config keys are read (detectron2's ``from_config``), so that
+    the network itself can be built, and tested, without a config."""
+    model, loss, evaluation = cfg.model, cfg.loss, cfg.eval
+    return {
+        "preset": model.preset,
+        "pretrained": model.pretrained,
+        "fpn_channels": model.fpn_channels,
+        "trainable_backbone_layers": model.trainable_backbone_layers,
+        "roi_levels": tuple(model.roi_levels),
+        "canonical_scale": model.canonical_scale,
+        "canonical_level": model.canonical_level,
+        "detection_score_threshold": evaluation.detection_score_threshold,
+        "detection_nms_threshold": evaluation.detection_nms_threshold,
+        "cabb_rpn": loss.cabb_rpn,
+        "cabb_roi": loss.cabb_roi,
+        "rpn_beta": loss.rpn_beta,
+        "roi_beta": loss.roi_beta,
+    }
+
+
 def build_model(
     cfg: ExperimentConfig, categories: list[dict[str, Any]], starting_weights: bool = True
 ) -> PanopticNet:
-    """The network for a dataset's categories (things become instance labels 1..T).
+    """The network for a dataset's categories (things become instance labels 1..T), with the
+    whole-network pre-trained file ``model.pretrained`` names loaded, if it names one.
     ``starting_weights=False`` builds the same structure without reading or downloading the
     ``model.pretrained`` weights (a checkpoint is about to replace them all)."""
-    k_min, k_max = cfg.model.roi_levels
-    if not 2 <= k_min <= k_max <= 5:
-        raise CabbRayError(
-            f"model.roi_levels: expected levels within P2..P5, got [{k_min}, {k_max}]"
-        )
     things = sum(1 for c in categories if c["isthing"])
     if things == 0:
         raise CabbRayError("the dataset has no thing categories; the instance branch needs some")
-    model = PanopticNet(cfg, things, len(categories), starting_weights)
+    kwargs = network_kwargs(cfg)
+    model = PanopticNet(
+        **kwargs,
+        num_things=things,
+        num_classes=len(categories),
+        starting_weights=starting_weights,
+    )
     if starting_weights:
-        path = full_network_file(cfg.model.pretrained, cfg.model.preset)
+        path = full_network_file(kwargs["pretrained"], kwargs["preset"])
         if path is not None:
             read_full_network_file(path, model, categories)
     return model
