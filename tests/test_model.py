@@ -135,6 +135,7 @@ def test_cut_box_is_not_pulled_back_inside_the_crop(batch):
     assert abs(cabb_grad[0, dw]) < 1e-6 * plain_grad[0, dw]
 
 
+@pytest.mark.integration  # 40 full training steps
 def test_cpu_preset_overfits_four_crops(batch):
     """Losses fall steadily on 4 crops: every 8-step window below the previous one, and the
     last below a quarter of the first (gradient clipping as the training loop will use). From
