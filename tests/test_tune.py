@@ -120,10 +120,11 @@ def test_a_two_worker_trial_trains_under_ray_train_ddp(local_ray, tmp_path, monk
 @pytest.mark.integration
 def test_asha_stops_a_trial_and_the_next_one_runs(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # A huge stuff_min_area drops every predicted stuff segment, and no instance reaches a score
-    # threshold of 1.0: PC is exactly 0, below the first trial's, so ASHA stops that trial at its first rung (epoch 1). Grid seed 1 runs the
-    # normal trial first. The stop reaches the trial's training thread asynchronously, so the
-    # stopped trial may finish another epoch or so first; it must still end before max_t.
+    # A huge stuff_min_area drops every predicted stuff segment, and no instance reaches a
+    # score threshold of 1.0: PC is exactly 0, below the first trial's, so ASHA stops that
+    # trial at its first rung (epoch 1). Grid seed 1 runs the normal trial first. The stop
+    # reaches the trial's training thread asynchronously, so the stopped trial may finish
+    # another epoch or so first; it must still end before max_t.
     space = tiny_space(
         tmp_path,
         "asha",
