@@ -42,6 +42,7 @@ from cabb_ray.tune.sampling import (  # noqa: F401
     trial_config,
 )
 from cabb_ray.tune.space_file import (
+    POSITIVE_INTEGER,
     ResourcesSection,
     SchedulerSection,
     SpaceFile,
@@ -143,8 +144,9 @@ class SearchSpec:
         return math.prod(len(p.dists[0].values) for p in self.params)
 
     def set_num_samples(self, value: Any, where: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not value > 0:
-            raise CabbRayError(f"{where}: expected a positive integer, got {value!r}")
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if not integer or not POSITIVE_INTEGER.ok(value):  # the file's own bound (--num-samples)
+            raise CabbRayError(f"{where}: expected {POSITIVE_INTEGER.expected}, got {value!r}")
         if self.searcher == "grid" and value > self.grid_size():
             raise CabbRayError(
                 f"{where}: {value} is more than the grid's {self.grid_size()} points"
