@@ -178,6 +178,10 @@ class EvalConfig:
     # pixels at the evaluation scale (data.shortest_side): Panoptic FPN and seamseg use 4096
     # at full Cityscapes resolution (the cityscapes_r50 preset); 64 suits the small scenes
     stuff_min_area: int = bounded(64, NON_NEGATIVE)
+    # mask and box AP are also reported on the things wider or taller than this crop (pixels
+    # at data.shortest_side; null: data.crop_size): the things training crops always cut.
+    # A whole-image run sets the crop of the runs it is compared with, at its own scale.
+    over_crop_bin: tuple[int, int] | None = bounded(None, POSITIVE_SIZES)
 
 
 @dataclass

@@ -108,7 +108,7 @@ def size_bins_of(metrics: dict[str, float], label: str = "this evaluation") -> p
     (one variant, no spread)."""
     import pandas as pd
 
-    names = [k[len("map_") :] for k in metrics if k.startswith("map_p")]
+    names = [k[len("map_") :] for k in metrics if k.startswith("map_")]  # map_<bin> only
     rows = [
         {
             "variant": label,
@@ -122,6 +122,11 @@ def size_bins_of(metrics: dict[str, float], label: str = "this evaluation") -> p
         for name in names
     ]
     return pd.DataFrame(rows, columns=["variant", "kind", "bin", "mean", "std", "trials"])
+
+
+def _bin_label(name: str) -> str:
+    """Percentile bins are p<lo>-<hi>; the one absolute bin holds things larger than the crop."""
+    return f"{name[1:]}%" if name.startswith("p") else "> crop"
 
 
 def size_bin_plot(bins: pd.DataFrame, path: str | Path, title: str = "AP by instance size") -> Path:
@@ -153,8 +158,8 @@ def size_bin_plot(bins: pd.DataFrame, path: str | Path, title: str = "AP by inst
                 color=colors(k % 10),
                 label=variant,
             )
-        ax.set_xticks(x, [f"{b[1:]}%" for b in names])
-        ax.set_xlabel("GT instance area percentile bin (largest on the right)")
+        ax.set_xticks(x, [_bin_label(b) for b in names])
+        ax.set_xlabel("GT instance area percentile bin, then things larger than the crop")
         ax.set_title(f"{kind} AP by instance size")
     axes[0].set_ylabel("AP (%)")
     axes[1].legend(fontsize=8)

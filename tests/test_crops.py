@@ -156,7 +156,7 @@ def test_isus_scale_lands_on_the_drawn_level_and_spreads_uniformly():
 def test_isus_is_flatter_than_cus_where_sizes_pile_up(synthetic_root):
     """With a canonical scale that puts most instances on the finest level (the situation ISUS
     is for), ISUS spreads both the sampled and all instances more evenly than CUS."""
-    extra = "model.canonical_scale=56"
+    extra = "model.canonical_scale=112"
     entropy = {}
     for sampler in ("cus", "isus"):
         dataset = CropDataset(synthetic_root, config(sampler, extra), length=300, seed=4)

@@ -594,6 +594,43 @@ def test_box_ap_scores_the_detector_boxes_per_size_bin():
     assert metrics["map_p99-100"] == pytest.approx(1.0)  # the masks are still exact
 
 
+def test_over_crop_bin_holds_the_things_wider_or_taller_than_the_crop():
+    """The absolute bin: with a 20 px crop (half the 40 px short side) only the 40 px wide
+    car is in it. A cut box fails it while the percentile bins of the small cars keep AP 1;
+    a confident false positive the size of a small car is ignored in it, as COCO ignores
+    unmatched detections outside an area range; without a crop there is no such bin."""
+    gt = np.zeros((40, 40), np.int64)
+    gt[0:2, 0:2] = 26001  # 2 px: small
+    gt[2:7, 2:7] = 26003  # 5 px: smaller than the crop
+    gt[10:30, 0:40] = 26002  # 40 px wide: wider than the 20 px crop, not taller
+    gt_segs = [seg(26001, CAR), seg(26003, CAR), seg(26002, CAR)]
+    exact = [
+        {"category_id": CAR, "score": 0.9, "mask": gt == 26001, "box": [0, 0, 2, 2]},
+        {"category_id": CAR, "score": 0.85, "mask": gt == 26003, "box": [2, 2, 7, 7]},
+        {"category_id": CAR, "score": 0.8, "mask": gt == 26002, "box": [0, 10, 40, 30]},
+    ]
+    false_positive = np.zeros_like(gt, dtype=bool)
+    false_positive[35:39, 35:39] = True
+    spurious = {"category_id": CAR, "score": 0.95, "mask": false_positive, "box": [35, 35, 39, 39]}
+
+    def metrics(instances, crop_fraction=(0.5, 0.5)):
+        ev = PanopticEvaluator(CATEGORIES, crop_fraction=crop_fraction)
+        ev.update(0, gt, with_areas(gt, gt_segs), np.zeros_like(gt), [], instances=instances)
+        return ev.compute().metrics
+
+    found = metrics([*exact, spurious])
+    assert found["box_map_over_crop"] == pytest.approx(1.0)
+    assert found["map_over_crop"] == pytest.approx(1.0)
+    assert found["box_map"] < 1.0  # the false positive counts everywhere else
+    cut = metrics([*exact[:2], {**exact[2], "box": [0, 10, 18, 30]}])  # IoU 0.45
+    assert cut["box_map_over_crop"] == pytest.approx(0.0)
+    assert cut["map_over_crop"] == pytest.approx(1.0)  # the mask is still exact
+    assert cut["box_map_p0-50"] == pytest.approx(1.0)
+    taller_only = metrics([*exact[:2], {**exact[2], "box": [0, 10, 18, 30]}], (0.5, 1.0))
+    assert math.isnan(taller_only["box_map_over_crop"])  # 40 px is not wider than 40 px
+    assert "box_map_over_crop" not in metrics(exact, crop_fraction=None)
+
+
 def test_box_ap_matches_cocoeval_bbox(synthetic_root, tmp_path):
     """Without detector boxes, box AP scores the segments' boxes exactly as COCOeval does."""
     categories, pairs = _fake_pairs(synthetic_root, tmp_path)

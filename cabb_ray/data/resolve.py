@@ -20,8 +20,15 @@ COMPLETE_MARKER = ".complete"
 
 
 def synthetic_cache_path(data: DataConfig) -> Path:
+    """The cache folder of one synthetic dataset; the generator's version is in the name, so
+    that scenes cached by an earlier generator are never read as this one's."""
+    from cabb_ray.data.synthetic import GENERATOR_VERSION
+
     s = data.synthetic
-    name = f"synthetic-{s.height}x{s.width}-n{s.num_train}-{s.num_val}-seed{s.seed}"
+    name = (
+        f"synthetic-v{GENERATOR_VERSION}-{s.height}x{s.width}-n{s.num_train}-{s.num_val}"
+        f"-seed{s.seed}"
+    )
     return Path(data.cache_dir).expanduser() / name
 
 

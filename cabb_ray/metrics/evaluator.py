@@ -99,13 +99,20 @@ class EvaluationResult:
 class PanopticEvaluator:
     """Accumulates PQ/SQ/RQ, PC, PQ-dagger, mIoU and mask AP over images."""
 
-    def __init__(self, categories: list[dict[str, Any]], mask_ap: bool = True):
+    def __init__(
+        self,
+        categories: list[dict[str, Any]],
+        mask_ap: bool = True,
+        crop_fraction: tuple[float, float] | None = None,
+    ):
+        """``crop_fraction``: the training crop's (height, width) over the training shortest
+        side, for mask and box AP on the things wider or taller than it (mask_ap.py)."""
         self.categories = sorted(categories, key=lambda c: int(c["id"]))
         self.class_of = {int(c["id"]): k for k, c in enumerate(self.categories)}
         self.isthing = np.array([bool(c["isthing"]) for c in self.categories])
         self.panoptic = PanopticAccumulator(len(self.categories))
         things = [int(c["id"]) for c in self.categories if c["isthing"]]
-        self.mask_ap = MaskAPAccumulator(things) if mask_ap else None
+        self.mask_ap = MaskAPAccumulator(things, crop_fraction) if mask_ap else None
         self.images = 0
 
     def update(
@@ -189,9 +196,10 @@ class PanopticEvaluator:
             parts: list[Any] = [None] * dist.get_world_size()
             mine = (self.mask_ap.images, self.mask_ap.gts, self.mask_ap.dets)
             dist.all_gather_object(parts, mine)
-            merged = MaskAPAccumulator(self.mask_ap.thing_categories)
+            things, fraction = self.mask_ap.thing_categories, self.mask_ap.crop_fraction
+            merged = MaskAPAccumulator(things, fraction)
             for images, gts, dets in parts:
-                merged.merge(MaskAPAccumulator(self.mask_ap.thing_categories, images, gts, dets))
+                merged.merge(MaskAPAccumulator(things, fraction, images, gts, dets))
             self.mask_ap = merged
 
     def compute(self) -> EvaluationResult:

@@ -8,6 +8,14 @@ Size bins, as in Fig. 5 of the CABB paper: percentiles of the non-crowd ground-t
 areas of the evaluated set, [0, 50), [50, 75), [75, 90), [90, 99), [99, 100]. Large objects are
 where crop training hurts and CABB helps, so the last bins are the ones to watch. Box AP
 scores the detector's boxes (CABB acts on box regression), binned by the same GT mask areas.
+
+One more bin is absolute, not a percentile: ``over_crop``, the things whose box is wider or
+taller than the training crop (``crop_fraction``: its sides over the training shortest side,
+so that it applies at any evaluation resolution). Those are the things every training crop
+cuts, which is what CABB is about. COCOeval bins by an "area" key, so that bin is a second
+COCOeval pass whose "area" is each box's larger side over the crop's (> 1: wider or taller),
+for ground truth and detections alike; unmatched detections of smaller boxes are ignored in
+it, as COCO ignores them in its area ranges.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
-from cabb_ray.metrics.names import SIZE_PERCENTILES
+from cabb_ray.metrics.names import OVER_CROP_BIN, SIZE_PERCENTILES
 
 
 def encode_segments(index: np.ndarray, wanted: np.ndarray) -> list[dict[str, Any]]:
@@ -62,6 +70,9 @@ class MaskAPAccumulator:
     """Per-image GT and predicted thing instances as RLE; evaluated with COCOeval at the end."""
 
     thing_categories: list[int]
+    # (height, width) of the training crop over the training shortest side; None: no
+    # over_crop bin
+    crop_fraction: tuple[float, float] | None = None
     images: list[dict[str, Any]] = field(default_factory=list)
     gts: list[dict[str, Any]] = field(default_factory=list)
     dets: list[dict[str, Any]] = field(default_factory=list)
@@ -172,7 +183,44 @@ class MaskAPAccumulator:
                 for d in self.dets
             ]
             results.update(_evaluate(gt, dets, iou_type, bins, prefix))
+            if self.crop_fraction is not None:
+                results.update(self._over_crop(gt, dets, iou_type, prefix))
         return results
+
+    def _over_crop(
+        self, gt: COCO, dets: list[dict[str, Any]], iou_type: str, prefix: str
+    ) -> dict[str, float]:
+        """AP on the things wider or taller than the training crop (module docstring)."""
+        crop_h, crop_w = self.crop_fraction or (1.0, 1.0)
+        short = {i["id"]: min(i["height"], i["width"]) for i in self.images}
+
+        def over_crop(image_id: int, box: list[float]) -> float:
+            return max(box[2] / (crop_w * short[image_id]), box[3] / (crop_h * short[image_id]))
+
+        by_long_side = COCO()
+        by_long_side.dataset = {
+            **gt.dataset,
+            "annotations": [
+                {**g, "area": over_crop(g["image_id"], g["bbox"])}
+                for g in gt.dataset["annotations"]
+            ],
+        }
+        with contextlib.redirect_stdout(io.StringIO()):
+            by_long_side.createIndex()
+        # a detection is sized by what is scored: its box (bbox) or its mask's box (segm)
+        sized = [
+            {
+                **d,
+                "_over_crop": over_crop(
+                    d["image_id"],
+                    d["bbox"] if iou_type == "bbox" else mask_utils.toBbox(d["segmentation"]),
+                ),
+            }
+            for d in dets
+        ]
+        # COCO's area ranges are closed: the bin starts just above 1 (strictly wider or taller)
+        bins = [(OVER_CROP_BIN, float(np.nextafter(1.0, 2.0)), 1e12)]
+        return _evaluate(by_long_side, sized, iou_type, bins, prefix, area_key="_over_crop")
 
 
 def _xywh(box: Any) -> list[float] | None:
@@ -183,12 +231,21 @@ def _xywh(box: Any) -> list[float] | None:
 
 
 def _evaluate(
-    gt: COCO, dets: list[dict[str, Any]], iou_type: str, bins: list, prefix: str
+    gt: COCO,
+    dets: list[dict[str, Any]],
+    iou_type: str,
+    bins: list,
+    prefix: str,
+    area_key: str | None = None,
 ) -> dict[str, float]:
-    """COCOeval AP@[.5:.95], AP50 and AP per size bin for one kind of detection."""
+    """COCOeval AP@[.5:.95], AP50 and AP per size bin for one kind of detection; with
+    ``area_key``, each detection's "area" (what COCOeval bins by) is that key's value."""
     with contextlib.redirect_stdout(io.StringIO()):
         if dets:
-            dt = gt.loadRes(dets)
+            dt = gt.loadRes([{k: v for k, v in d.items() if k != area_key} for d in dets])
+            if area_key is not None:  # loadRes keeps the order and numbers ids from 1
+                for ann, d in zip(dt.dataset["annotations"], dets, strict=True):
+                    ann["area"] = d[area_key]
         else:
             dt = COCO()
             dt.dataset = {

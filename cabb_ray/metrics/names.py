@@ -26,3 +26,5 @@ METRIC_NAMES = (
 # Mask and box AP are also reported per bin of ground-truth mask area, by these percentiles
 # (the CABB paper's Fig. 5)
 SIZE_PERCENTILES = (0, 50, 75, 90, 99, 100)
+# ... and in one absolute bin: things wider or taller than the training crop (mask_ap.py)
+OVER_CROP_BIN = "over_crop"

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cabb_ray.errors import CabbRayError
-from cabb_ray.metrics.names import SIZE_PERCENTILES
+from cabb_ray.metrics.names import OVER_CROP_BIN, SIZE_PERCENTILES
 from cabb_ray.report.source import SearchRecord, Trial
 from cabb_ray.viz import AP_KINDS
 
@@ -33,7 +33,10 @@ TABLE_COLUMNS = (
     ("PC_st", "pc_st"),
     ("PQ-dagger", "pq_dagger"),
 )
-SIZE_BINS = tuple(f"p{a}-{b}" for a, b in itertools.pairwise(SIZE_PERCENTILES))
+SIZE_BINS = (
+    *(f"p{a}-{b}" for a, b in itertools.pairwise(SIZE_PERCENTILES)),
+    OVER_CROP_BIN,
+)
 
 
 def variant_order(record: SearchRecord) -> list[str]:

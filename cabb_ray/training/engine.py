@@ -299,7 +299,9 @@ def evaluate(
     result plus the first ``keep`` (image, rgb, prediction) of this rank for overlays."""
     classes = ClassMapping.from_categories(split.categories)
     images = split.images[: cfg.eval.max_images] if cfg.eval.max_images else split.images
-    evaluator = PanopticEvaluator(split.categories)
+    crop = cfg.eval.over_crop_bin or cfg.data.crop_size
+    crop_fraction = (crop[0] / cfg.data.shortest_side, crop[1] / cfg.data.shortest_side)
+    evaluator = PanopticEvaluator(split.categories, crop_fraction=crop_fraction)
     kept = []
     was_training = model.training
     model.eval()
