@@ -28,7 +28,14 @@ from cabb_ray.data.resolve import resolve_dataset_root
 from cabb_ray.training.engine import evaluate
 from cabb_ray.training.local import train_locally
 
-COLUMNS = (("pq", "PQ"), ("pq_th", "PQ_th"), ("pq_st", "PQ_st"), ("map", "mask AP"))
+COLUMNS = (
+    ("pq", "PQ"),
+    ("pq_th", "PQ_th"),
+    ("pq_st", "PQ_st"),
+    ("map", "mask AP"),
+    ("box_map", "box AP"),
+    ("box_map_over_crop", "box AP > crop"),  # the things every training crop cuts
+)
 
 
 def _mean_std(values: list[float]) -> str:

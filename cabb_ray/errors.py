@@ -7,9 +7,11 @@ and a non-zero exit instead of a traceback.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 EXIT_USAGE = 2
 # A run's last report carries, under this key, an error that a restart would repeat
@@ -43,3 +45,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     raise SystemExit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other bad input ('prog: error: ...
+    (see --help)' instead of the usage lines first); subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")

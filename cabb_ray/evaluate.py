@@ -16,12 +16,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.errors import ArgumentParser, CabbRayError, run_cli
 from cabb_ray.progress import progress_printer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m cabb_ray.evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.errors import ArgumentParser, CabbRayError, run_cli
 from cabb_ray.progress import progress_printer
 from cabb_ray.viz import category_colors, overlay
 
@@ -68,7 +68,7 @@ def _dataset_classes(path: Path) -> tuple[list[dict], dict[str, object]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m cabb_ray.predict",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

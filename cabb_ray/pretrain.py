@@ -35,7 +35,7 @@ from cabb_ray.config import ExperimentConfig, config_to_dict, load_config
 from cabb_ray.data.crop_dataset import CropDataset, crop_loader, epoch_batches
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.data.resolve import resolve_dataset_root
-from cabb_ray.errors import CabbRayError
+from cabb_ray.errors import ArgumentParser, CabbRayError
 from cabb_ray.losses.balancing import host_values
 from cabb_ray.model.checkpoint import load_checkpoint, save_checkpoint
 from cabb_ray.model.pretrained import (
@@ -54,7 +54,7 @@ CURVE_KEYS = ("pq", "pq_th", "pq_st", "map", "box_map", "miou")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m cabb_ray.pretrain",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

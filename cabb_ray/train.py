@@ -29,7 +29,7 @@ import torch
 from cabb_ray.config import ExperimentConfig, config_to_dict, load_config
 from cabb_ray.data.resolve import resolve_dataset_root
 from cabb_ray.data.samplers import load_sampler
-from cabb_ray.errors import ERROR_REPORT_KEY, CabbRayError, check_name, run_cli
+from cabb_ray.errors import ERROR_REPORT_KEY, ArgumentParser, CabbRayError, check_name, run_cli
 from cabb_ray.model.checkpoint import check_same_classes, load_checkpoint, load_weights_strictly
 from cabb_ray.tracking import RunLogger, check_tracking, start_run
 from cabb_ray.tracking_relay import worker_tracking_uri
@@ -152,7 +152,7 @@ def _run_name(storage: str, requested: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m cabb_ray.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -182,14 +182,14 @@ def fidelity_plot(table: pd.DataFrame, threshold: float, path: str | Path, title
     return _save(fig, path)
 
 
-def pareto_plot(study: optuna.Study, path: str | Path, target_names: list[str]) -> Path:
+def pareto_axes(study: optuna.Study, target_names: list[str]) -> Any:
     """Optuna's own Pareto-front plot of a two- or three-objective study, the front's trials
     annotated with their user attr ``trial`` where they have one (tune.leaderboard's
-    objective_study sets it to the Tune trial id; a loaded study's trials have none)."""
+    objective_study sets it to the Tune trial id; a loaded study's trials have none). Returns
+    the matplotlib axes (the notebook shows them inline, so the backend is left as it is)."""
     import optuna
     from optuna.visualization.matplotlib import plot_pareto_front
 
-    _pyplot()
     with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = plot_pareto_front(study, target_names=target_names)
@@ -198,4 +198,10 @@ def pareto_plot(study: optuna.Study, path: str | Path, target_names: list[str]) 
             if "trial" in trial.user_attrs:
                 ax.annotate(str(trial.user_attrs["trial"]), tuple(trial.values), fontsize=7)
     ax.set_title("search trials: Pareto front")
-    return _save(ax.figure, path)
+    return ax
+
+
+def pareto_plot(study: optuna.Study, path: str | Path, target_names: list[str]) -> Path:
+    """pareto_axes, saved as a PNG."""
+    _pyplot()
+    return _save(pareto_axes(study, target_names).figure, path)

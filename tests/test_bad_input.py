@@ -115,7 +115,7 @@ class Case:
     argv: list[str]
     expect: list[str]  # substrings of the one error line (the file, key or value named)
     files: dict[str, str | bytes] = field(default_factory=dict)  # written into the cwd first
-    argparse: bool = False  # argparse's own error: its usage lines, then 'prog: error: ...'
+    argparse: bool = False  # argparse's own error, one line: 'prog: error: ... (see --help)'
     xfail: str | None = None  # the reason, while a fix outside this test is pending
 
 
@@ -323,8 +323,8 @@ def _problems(case: Case, code: int, err: str, before: dict, after: dict) -> lis
         found.append("a traceback")
     if case.argparse:
         last = lines[-1] if lines else ""
-        if ": error: " not in last:
-            found.append(f"no argparse error line: {err!r}")
+        if len(lines) != 1 or ": error: " not in last:
+            found.append(f"{len(lines)} stderr lines, expected one 'prog: error:' line")
     elif len(lines) != 1 or not lines[0].startswith("error: "):
         found.append(f"{len(lines)} stderr lines, expected one 'error:' line")
         last = "\n".join(lines)

@@ -118,8 +118,11 @@ def test_gradient_is_smooth_l1_gradient_at_the_solution(case):
 @SETTINGS
 @given(cases())
 def test_float32_and_masked_path_agree_with_float64(case):
-    """The CUDA path (no compaction) and float32 reach the float64 optimum's objective."""
+    """The CUDA path (no compaction) and float32 reach the float64 optimum's objective, float32
+    to within its resolution: box edges are computed in pixels, so a box v anchors wide has its
+    edges (and hence its centre) placed only to within about eps32 * v."""
     pred, target, cut, weights, beta = case
+    eps32 = float(np.finfo(np.float32).eps)
     exact = _solve(pred, target, cut, weights, beta)
     masked = _solve(pred, target, cut, weights, beta, compact=False)
     single = _solve(pred, target, cut, weights, beta, dtype=torch.float32).astype(np.float64)
@@ -127,7 +130,9 @@ def test_float32_and_masked_path_agree_with_float64(case):
         best = _axis_loss(pred, exact, ci, si, beta)
         assert _axis_loss(pred, masked, ci, si, beta) <= best + 1e-9 * abs(best) + 1e-12
         scale = max(1.0, abs(pred[ci]), abs(pred[si]), abs(target[ci]), abs(target[si]))
-        assert _axis_loss(pred, single, ci, si, beta) <= best + 1e-4 * scale
+        width = math.exp(max(pred[si], target[si], exact[si]) / weights[si])
+        edges = 32 * eps32 * weights[ci] * width
+        assert _axis_loss(pred, single, ci, si, beta) <= best + 1e-4 * scale + edges
 
 
 def test_worked_example_one_side_cut():

@@ -619,6 +619,7 @@ def test_over_crop_bin_holds_the_things_wider_or_taller_than_the_crop():
         return ev.compute().metrics
 
     found = metrics([*exact, spurious])
+    assert found["things_over_crop"] == 1 and found["things_p0-50"] == 2
     assert found["box_map_over_crop"] == pytest.approx(1.0)
     assert found["map_over_crop"] == pytest.approx(1.0)
     assert found["box_map"] < 1.0  # the false positive counts everywhere else

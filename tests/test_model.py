@@ -135,25 +135,26 @@ def test_cut_box_is_not_pulled_back_inside_the_crop(batch):
     assert abs(cabb_grad[0, dw]) < 1e-6 * plain_grad[0, dw]
 
 
-@pytest.mark.integration  # 40 full training steps
+@pytest.mark.integration  # 56 full training steps
 def test_cpu_preset_overfits_four_crops(batch):
     """Losses fall steadily on 4 crops: every 8-step window below the previous one, and the
     last below a quarter of the first (gradient clipping as the training loop will use). From
-    the body-only start: heads that learn from scratch show the network's capacity to fit."""
+    the body-only start: heads that learn from scratch show the network's capacity to fit.
+    56 steps: generator v2's crops hold more and larger things than v1's, which fit in 40."""
     cfg, categories, images, targets = batch
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="synthetic"))
     torch.manual_seed(0)
     model = build_model(cfg, categories).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     totals = []
-    for _ in range(40):
+    for _ in range(56):
         total = sum(model(images, targets).values())
         optimizer.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         totals.append(float(total))
-    windows = [sum(totals[k : k + 8]) / 8 for k in range(0, 40, 8)]
+    windows = [sum(totals[k : k + 8]) / 8 for k in range(0, 56, 8)]
     assert all(b < a for a, b in itertools.pairwise(windows)), windows
     assert windows[-1] < 0.25 * windows[0], windows
 

@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 
 from cabb_ray.errors import CabbRayError, run_cli
-from cabb_ray.report.ablation import SIZE_BINS, ablation_table, markdown, size_bin_table
+from cabb_ray.report.ablation import (
+    SIZE_BINS,
+    ablation_table,
+    comparison_markdown,
+    comparison_table,
+    markdown,
+    size_bin_table,
+)
 from cabb_ray.report.cli import main as report_main
 from cabb_ray.report.fidelity import fidelity_table, trusted_epoch, verdict
 from cabb_ray.report.source import SearchRecord, Trial
@@ -53,6 +60,31 @@ def test_table_is_mean_and_sample_std_over_seeds_in_the_files_order():
     assert math.isnan(table.loc["FULL", "pq_std"]) and math.isnan(table.loc["FULL", "map_mean"])
     text = markdown(table.reset_index(), "t")
     assert "| CROP | 2 | 30.0 ± 14.1 |" in text and "| FULL | 1 | 50.0 | - |" in text
+
+
+def test_comparisons_are_differences_in_units_of_the_pooled_seed_std():
+    """CROP+CABB vs CROP on the over_crop bin: means 0.5 and 0.3, sample stds sqrt(0.02) and
+    0 pool to 0.1 (root mean square), so the difference is +2.0 std; pairs with a missing
+    variant are left out."""
+    fake = record(
+        [
+            trial("a", "CROP", 0, box_map_over_crop=0.3, things_over_crop=40.0, box_map=0.2),
+            trial("b", "CROP", 1, box_map_over_crop=0.3, things_over_crop=40.0, box_map=0.4),
+            trial("c", "CROP+CABB", 0, box_map_over_crop=0.4, box_map=0.3),
+            trial("d", "CROP+CABB", 1, box_map_over_crop=0.6, box_map=0.3),
+        ],
+        tags={"search.variants": '["FULL", "CROP", "CROP+CABB"]'},
+    )
+    table = comparison_table(fake)
+    assert set(table["comparison"]) == {"CROP+CABB vs CROP"}  # no FULL trial, no ISUS rows
+    row = table[(table["kind"] == "box") & (table["bin"] == "over_crop")].iloc[0]
+    assert row["diff"] == pytest.approx(0.2) and row["seed_std"] == pytest.approx(0.1)
+    assert row["diff_in_std"] == pytest.approx(2.0) and row["things"] == 40
+    overall = table[(table["kind"] == "box") & (table["bin"] == "all")].iloc[0]
+    assert overall["diff"] == pytest.approx(0.0)
+    assert overall["seed_std"] == pytest.approx(0.1)
+    text = comparison_markdown(table)
+    assert "| box | over_crop | 40 | 50.0 | 30.0 | +20.0 | 10.0 | +2.0 |" in text
 
 
 def test_size_bins_hold_box_and_mask_ap_per_bin():

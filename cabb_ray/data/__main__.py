@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cabb_ray.errors import CabbRayError, run_cli
+from cabb_ray.errors import ArgumentParser, CabbRayError, run_cli
 from cabb_ray.progress import progress_printer
 
 
@@ -32,7 +32,7 @@ _non_negative = _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cabb_ray.data", description=__doc__)
+    parser = ArgumentParser(prog="python -m cabb_ray.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write the synthetic street-scene dataset")

@@ -185,6 +185,10 @@ class MaskAPAccumulator:
             results.update(_evaluate(gt, dets, iou_type, bins, prefix))
             if self.crop_fraction is not None:
                 results.update(self._over_crop(gt, dets, iou_type, prefix))
+        # how many ground-truth things each bin holds: what its AP can resolve
+        areas = np.array([g["area"] for g in self.gts if not g["iscrowd"]])
+        for name, lo, hi in bins:  # closed ranges, as COCOeval's
+            results[f"things_{name}"] = float(((areas >= lo) & (areas <= hi)).sum())
         return results
 
     def _over_crop(
@@ -207,6 +211,8 @@ class MaskAPAccumulator:
         }
         with contextlib.redirect_stdout(io.StringIO()):
             by_long_side.createIndex()
+        inside = [a for a in by_long_side.dataset["annotations"] if not a["iscrowd"]]
+        things = float(sum(a["area"] > 1.0 for a in inside))
         # a detection is sized by what is scored: its box (bbox) or its mask's box (segm)
         sized = [
             {
@@ -220,7 +226,8 @@ class MaskAPAccumulator:
         ]
         # COCO's area ranges are closed: the bin starts just above 1 (strictly wider or taller)
         bins = [(OVER_CROP_BIN, float(np.nextafter(1.0, 2.0)), 1e12)]
-        return _evaluate(by_long_side, sized, iou_type, bins, prefix, area_key="_over_crop")
+        results = _evaluate(by_long_side, sized, iou_type, bins, prefix, area_key="_over_crop")
+        return {**results, f"things_{OVER_CROP_BIN}": things}
 
 
 def _xywh(box: Any) -> list[float] | None:

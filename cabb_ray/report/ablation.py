@@ -119,3 +119,79 @@ def markdown(table: pd.DataFrame, title: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Percent; mean ± sample std over seeds (n trials per variant)."]
     return "\n".join(lines) + "\n"
+
+
+# The paper's questions, where both variants exist: does CABB help crop training, what does
+# crop training cost against whole images, and does CABB still help with ISUS
+PAPER_COMPARISONS = (
+    ("CROP+CABB", "CROP"),
+    ("FULL", "CROP"),
+    ("CROP+CABB+ISUS", "CROP+ISUS"),
+)
+
+
+def comparison_table(
+    record: SearchRecord, pairs: tuple[tuple[str, str], ...] = PAPER_COMPARISONS
+) -> pd.DataFrame:
+    """Per pair (A, B), kind (box/mask) and bin (``all``, then the size bins): both means,
+    A - B, the seed std (sample stds of A and B pooled) and A - B in units of it, the figure
+    that says whether a difference is more than seed noise. Pairs missing a variant are left
+    out; ``things`` is the bin's ground-truth count (the same validation set for every row)."""
+    groups = by_variant(record)
+    rows = []
+    for a, b in pairs:
+        if not (groups.get(a) and groups.get(b)):
+            continue
+        for kind, prefix in AP_KINDS:
+            for name in ("all", *SIZE_BINS):
+                key = prefix.rstrip("_") if name == "all" else prefix + name
+                mean_a, std_a = _mean_std([t.metrics.get(key, math.nan) for t in groups[a]])
+                mean_b, std_b = _mean_std([t.metrics.get(key, math.nan) for t in groups[b]])
+                seed_std = math.sqrt((std_a**2 + std_b**2) / 2)
+                things = groups[b][0].metrics.get(f"things_{name}", math.nan)
+                rows.append(
+                    {
+                        "comparison": f"{a} vs {b}",
+                        "kind": kind,
+                        "bin": name,
+                        "things": things,
+                        "a": mean_a,
+                        "b": mean_b,
+                        "diff": mean_a - mean_b,
+                        "seed_std": seed_std,
+                        "diff_in_std": (mean_a - mean_b) / seed_std if seed_std > 0 else math.nan,
+                    }
+                )
+    columns = ["comparison", "kind", "bin", "things", "a", "b", "diff", "seed_std"]
+    return pd.DataFrame(rows, columns=[*columns, "diff_in_std"])
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    """One table per comparison, AP in percent; '-' where there is no value."""
+
+    def pct(value: float) -> str:
+        return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+    lines = []
+    for comparison, part in table.groupby("comparison", sort=False):
+        a, b = comparison.split(" vs ")
+        lines += [
+            f"### {comparison}",
+            "",
+            f"| kind | bin | things | {a} | {b} | difference | seed std | difference / std |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for _, row in part.iterrows():
+            things = "-" if math.isnan(row["things"]) else f"{row['things']:.0f}"
+            ratio = "-" if math.isnan(row["diff_in_std"]) else f"{row['diff_in_std']:+.1f}"
+            diff = "-" if math.isnan(row["diff"]) else f"{100 * row['diff']:+.1f}"
+            lines.append(
+                f"| {row['kind']} | {row['bin']} | {things} | {pct(row['a'])} | {pct(row['b'])} "
+                f"| {diff} | {pct(row['seed_std'])} | {ratio} |"
+            )
+        lines.append("")
+    lines.append(
+        "AP in percent, mean over seeds; seed std: the two variants' sample stds pooled; "
+        "things: ground-truth instances in the bin."
+    )
+    return "\n".join(lines) + "\n"

@@ -3,11 +3,12 @@
     python -m cabb_ray.report --experiment ablation [--search NAME] [--out DIR]
     python -m cabb_ray.report --fidelity --experiment quickstart [--search NAME] [--tau 0.6]
 
-Without ``--fidelity``: the ablation's Table 1 (``ablation.md``, ``ablation.csv``) and Fig. 5
-(``size_bins.png`` with its numbers in ``size_bins.csv``). With ``--fidelity``: Kendall tau of
-each epoch's PQ against the final PQ (``fidelity.csv``, ``fidelity.png``) and from which epoch
-rankings can be trusted. Files go to ``--out`` (default ``runs/<search>/report``) and are
-logged to the search's MLflow parent run under ``report/``.
+Without ``--fidelity``: the ablation's Table 1 (``ablation.md``, ``ablation.csv``), Fig. 5
+(``size_bins.png`` with its numbers in ``size_bins.csv``) and the paper's comparisons per size
+bin in units of seed std (``comparisons.md``, ``comparisons.csv``). With ``--fidelity``:
+Kendall tau of each epoch's PQ against the final PQ (``fidelity.csv``, ``fidelity.png``) and
+from which epoch rankings can be trusted. Files go to ``--out`` (default
+``runs/<search>/report``) and are logged to the search's MLflow parent run under ``report/``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cabb_ray.errors import CabbRayError, check_name
+from cabb_ray.errors import ArgumentParser, CabbRayError, check_name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m cabb_ray.report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,7 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ablation(record, out: Path) -> list[Path]:
-    from cabb_ray.report.ablation import ablation_table, markdown, size_bin_table
+    from cabb_ray.report.ablation import (
+        ablation_table,
+        comparison_markdown,
+        comparison_table,
+        markdown,
+        size_bin_table,
+    )
     from cabb_ray.viz import size_bin_plot
 
     table = ablation_table(record)
@@ -83,6 +90,13 @@ def _ablation(record, out: Path) -> list[Path]:
     table.to_csv(paths[1], index=False)
     bins = size_bin_table(record)
     bins.to_csv(paths[2], index=False)
+    comparisons = comparison_table(record)
+    if not comparisons.empty:
+        compared = comparison_markdown(comparisons)
+        print(compared)
+        paths += [out / "comparisons.md", out / "comparisons.csv"]
+        paths[-2].write_text(compared)
+        comparisons.to_csv(paths[-1], index=False)
     paths.append(size_bin_plot(bins, out / "size_bins.png", f"AP by instance size, {record.name}"))
     return paths
 

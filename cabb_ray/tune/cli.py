@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cabb_ray.config import flatten_config
-from cabb_ray.errors import CabbRayError, check_name
+from cabb_ray.errors import ArgumentParser, CabbRayError, check_name
 from cabb_ray.tune.driver import STATE_FILE
 
 LOCK_FILE = "driver.lock"
@@ -38,7 +38,7 @@ WHERE_RESULTS_GO = ("run.output_dir", "run.mlflow_uri", "run.experiment", "data.
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m cabb_ray.tune",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
