@@ -239,6 +239,11 @@ def test_two_variant_ablation_end_to_end(local_ray, tmp_path, monkeypatch, capsy
                 value = row[row["bin"] == name]["mean"].iloc[0]
                 assert value == pytest.approx(metrics.get(prefix + name, math.nan), nan_ok=True)
     assert (out / "size_bins.png").stat().st_size > 10_000
+    compared = pd.read_csv(out / "comparisons.csv")
+    crop = next(k for k in kids if k.data.tags["cabb_ray.variant"] == "CROP")
+    for name in SIZE_BINS:  # ground-truth counts come from the runs, for every bin
+        things = compared[(compared["kind"] == "box") & (compared["bin"] == name)]["things"]
+        assert things.iloc[0] == crop.data.metrics[f"things_{name}"]
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {f"report/{n}" for n in ("ablation.md", "size_bins.png", "size_bins.csv")} <= logged
 

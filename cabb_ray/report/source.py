@@ -110,7 +110,7 @@ def _final_evaluation(client: Any, run: Any) -> dict[str, float]:
     last = max(m.step for m in epochs)
     values: dict[str, float] = {}
     for key in run.data.metrics:
-        if key in METRIC_NAMES or key.startswith(("map_", "box_map_")):
+        if key in METRIC_NAMES or key.startswith(("map_", "box_map_", "things_")):
             history = client.get_metric_history(run.info.run_id, key)
             values[key] = next((m.value for m in history if m.step == last), math.nan)
     return values
