@@ -9,9 +9,11 @@ on the preset's synthetic scenes, and is evaluated on the preset's validation im
 percentage of its budget, and at the end also on validation scenes of a seed that nothing was
 trained or tuned on (``--holdout-seed``: generalisation, not memorised scenes). Printed per
 checkpoint: mean and standard deviation over seeds, the training seconds spent to get there,
-and steps/s. Targets (issue 20, fine-tuning ``synthetic_full``): at the end of the preset's run
-PQ_th >= 0.35, mask AP >= 0.25, PQ >= 0.45 on the preset's validation set and PQ_th >= 0.30 on
-the held-out seed's; within one quickstart trial's budget PQ_th >= 0.25.
+and steps/s; the ``start`` rows are the pre-trained network before any fine-tuning (on both
+validation sets), so that the table shows what the run adds to what the file already knows.
+Targets (issue 20, fine-tuning ``synthetic_full``): at the end of the preset's run
+PQ_th >= 0.35, mask AP >= 0.25, PQ >= 0.45 on the preset's validation set and PQ_th >= 0.30
+on the held-out seed's; within one quickstart trial's budget PQ_th >= 0.25.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from cabb_ray.config import load_config
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.data.resolve import resolve_dataset_root
+from cabb_ray.model.network import build_model
 from cabb_ray.training.engine import evaluate
 from cabb_ray.training.local import train_locally
 
@@ -69,6 +72,14 @@ def main() -> None:
         ],
     )
     holdout = load_split(resolve_dataset_root(holdout_cfg.data), "val")
+    val = load_split(root, cfg.data.val_split)
+    cpu = torch.device("cpu")
+    pretrained = build_model(cfg, val.categories)  # every seed starts from the same weights
+    start = {
+        "val": evaluate(pretrained, val, cfg, cpu)[0].scalars(),
+        "holdout": evaluate(pretrained, holdout, holdout_cfg, cpu)[0].scalars(),
+    }
+    del pretrained
     print(
         f"{args.config} {' '.join(args.overrides)}: {total} steps of {cfg.data.batch_size} "
         f"crops {list(cfg.data.crop_size)}, evaluated at steps {steps} on "
@@ -80,7 +91,7 @@ def main() -> None:
         started = time.perf_counter()
         seeded = load_config(args.config, [*args.overrides, f"run.seed={seed}"])
         run = train_locally(seeded, root, evaluate_at=set(steps), log=None)
-        result, _ = evaluate(run.module.model, holdout, holdout_cfg, torch.device("cpu"))
+        result, _ = evaluate(run.module.model, holdout, holdout_cfg, cpu)
         run.evaluations["holdout"] = result.scalars()
         runs.append(run)
         last = run.evaluations[steps[-1]]
@@ -93,7 +104,7 @@ def main() -> None:
             flush=True,
         )
     header = ["step", "% budget", "train s"] + [name for _, name in COLUMNS]
-    rows = []
+    rows = [["start", "0", "0"] + [_mean_std([start["val"][key]]) for key, _ in COLUMNS]]
     for step in steps:
         seconds = statistics.fmean(r.step_seconds[step] for r in runs)
         cells = [str(step), f"{100 * step / total:.0f}", f"{seconds:.0f}"]
@@ -103,12 +114,17 @@ def main() -> None:
     print("\n" + "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-    cells = ["end", "100", "-"]
-    cells += [_mean_std([r.evaluations["holdout"][key] for r in runs]) for key, _ in COLUMNS]
-    print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    for label, values in (
+        ("start", [start["holdout"]]),
+        ("end", [r.evaluations["holdout"] for r in runs]),
+    ):
+        cells = [label, "100" if label == "end" else "0", "-"]
+        cells += [_mean_std([v[key] for v in values]) for key, _ in COLUMNS]
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     print(
-        f"(last row: {len(holdout.images)} validation scenes of seed {args.holdout_seed}, which "
-        "nothing was trained or tuned on)"
+        f"(first rows: the pre-trained network before fine-tuning; last two rows: "
+        f"{len(holdout.images)} validation scenes of seed {args.holdout_seed}, which nothing was "
+        "trained or tuned on)"
     )
     rate = statistics.fmean(total / r.train_seconds for r in runs)
     print(f"\nmean over {len(runs)} seeds (± standard deviation); {rate:.2f} training steps/s")

@@ -50,10 +50,10 @@ def _payload(checkpoint: Any, rank: int = 0) -> dict[str, Any] | None:
         payload = load_checkpoint(Path(folder) / "checkpoint.pt")
         best = Path(folder) / BEST_FILE
         if best.is_file() and rank == 0:  # only rank 0 keeps and uploads the best weights
-            handle, copy = tempfile.mkstemp(prefix="cabb_ray_restored_best_", suffix=".pt")
+            handle, kept = tempfile.mkstemp(prefix="cabb_ray_restored_best_", suffix=".pt")
             os.close(handle)
-            shutil.copyfile(best, copy)
-            payload[BEST_FILE] = copy
+            shutil.copyfile(best, kept)
+            payload[BEST_FILE] = kept
             payload["best_is_temporary"] = True
         return payload
 
