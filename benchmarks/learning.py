@@ -111,18 +111,19 @@ def main() -> None:
         cells += [_mean_std([r.evaluations[step][key] for r in runs]) for key, _ in COLUMNS]
         rows.append(cells)
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
+    widths[0] = max(widths[0], len("held-out start"))
     print("\n" + "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     for label, values in (
-        ("start", [start["holdout"]]),
-        ("end", [r.evaluations["holdout"] for r in runs]),
+        ("held-out start", [start["holdout"]]),
+        ("held-out end", [r.evaluations["holdout"] for r in runs]),
     ):
-        cells = [label, "100" if label == "end" else "0", "-"]
+        cells = [label, "100" if label.endswith("end") else "0", "-"]
         cells += [_mean_std([v[key] for v in values]) for key, _ in COLUMNS]
         print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     print(
-        f"(first rows: the pre-trained network before fine-tuning; last two rows: "
+        f"(start: the pre-trained network before fine-tuning; held-out: "
         f"{len(holdout.images)} validation scenes of seed {args.holdout_seed}, which nothing was "
         "trained or tuned on)"
     )
