@@ -27,6 +27,7 @@ import torch
 from cabb_ray.config import load_config
 from cabb_ray.data.panoptic_format import load_split
 from cabb_ray.data.resolve import resolve_dataset_root
+from cabb_ray.errors import ArgumentParser, run_cli
 from cabb_ray.model.network import build_model
 from cabb_ray.training.engine import evaluate
 from cabb_ray.training.local import train_locally
@@ -46,8 +47,8 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="cpu_quickstart")
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--holdout-seed", type=int, default=50, help="scenes nothing saw")
     parser.add_argument("--holdout-images", type=int, default=48)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     total = cfg.optim.epochs * cfg.optim.steps_per_epoch
     steps = sorted({max(1, round(total * p / 100)) for p in args.at})
@@ -132,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
