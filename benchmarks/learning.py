@@ -47,6 +47,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
+def _row(label: str, percent: str, seconds: str, evaluations: list[dict]) -> list[str]:
+    """One table row: its label cells, then mean ± std of each column over ``evaluations``."""
+    return [label, percent, seconds] + [
+        _mean_std([e[key] for e in evaluations]) for key, _ in COLUMNS
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,24 +112,17 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     header = ["step", "% budget", "train s"] + [name for _, name in COLUMNS]
-    rows = [["start", "0", "0"] + [_mean_std([start["val"][key]]) for key, _ in COLUMNS]]
+    rows = [_row("start", "0", "0", [start["val"]])]
     for step in steps:
         seconds = statistics.fmean(r.step_seconds[step] for r in runs)
-        cells = [str(step), f"{100 * step / total:.0f}", f"{seconds:.0f}"]
-        cells += [_mean_std([r.evaluations[step][key] for r in runs]) for key, _ in COLUMNS]
-        rows.append(cells)
+        evaluations = [r.evaluations[step] for r in runs]
+        rows.append(_row(str(step), f"{100 * step / total:.0f}", f"{seconds:.0f}", evaluations))
+    rows.append(_row("held-out start", "0", "-", [start["holdout"]]))
+    rows.append(_row("held-out end", "100", "-", [r.evaluations["holdout"] for r in runs]))
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
-    widths[0] = max(widths[0], len("held-out start"))
-    print("\n" + "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
+    print()
+    for row in [header, *rows]:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-    for label, values in (
-        ("held-out start", [start["holdout"]]),
-        ("held-out end", [r.evaluations["holdout"] for r in runs]),
-    ):
-        cells = [label, "100" if label.endswith("end") else "0", "-"]
-        cells += [_mean_std([v[key] for v in values]) for key, _ in COLUMNS]
-        print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     print(
         f"(start: the pre-trained network before fine-tuning; held-out: "
         f"{len(holdout.images)} validation scenes of seed {args.holdout_seed}, which nothing was "
